@@ -12,36 +12,40 @@ Cost per step, in units of one forward pass: primal 1 + tangent 2 (each linear l
 """
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 
-def linearized_call(module: nn.Module, deltas: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
-    """``module(*args, **kwargs)`` linearized in the parameters named by ``deltas``, around their values.
+NetworkCall = Callable[[Mapping[str, Tensor]], Tensor]
+"""The network as a function of some of its parameters: ``{name: tensor} -> output`` (others stay fixed)."""
 
-    Returns ``f(w0) + J·δ`` (a tensor of the module's output shape); its gradient w.r.t. each δ is
-    ``Jᵀ·grad_output`` evaluated at w0. Parameters not in ``deltas`` stay fixed at their values.
+
+def point_parameters(w0: Mapping[str, Tensor], deltas: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``w0 + (δ − sg(δ))``: exactly w0 in value, but gradients taken through it land on δ."""
+    return {n: w0[n] + (d - d.detach()) for n, d in deltas.items()}
+
+
+def linearized(call: NetworkCall, w0: Mapping[str, Tensor], deltas: Mapping[str, Tensor]) -> Tensor:
+    """The network linearized around ``w0`` in the parameters named by ``deltas``: ``f(w0) + J·δ``.
+
+    The gradient of the result w.r.t. each δ is ``Jᵀ·grad_output`` evaluated at w0.
     """
-    params = dict(module.named_parameters())
     with fwAD.dual_level(), _autocast_tangent_dtypes(), _skip_tangent_saves():
-        duals = {n: fwAD.make_dual(params[n] + (d - d.detach()), d.detach()) for n, d in deltas.items()}
-        primal, tangent = fwAD.unpack_dual(functional_call(module, duals, args, kwargs))
+        point = point_parameters(w0, deltas)
+        duals = {n: fwAD.make_dual(p, deltas[n].detach()) for n, p in point.items()}
+        primal, tangent = fwAD.unpack_dual(call(duals))
     return primal if tangent is None else primal + tangent.detach()
 
 
-def nonlinear_call(module: nn.Module, deltas: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Tensor:
-    """``module(*args, **kwargs)`` with the named parameters moved to ``w0 + δ`` (the network itself)."""
-    params = dict(module.named_parameters())
-    moved = {n: params[n] + d for n, d in deltas.items()}
-    return functional_call(module, moved, args, kwargs)
+def nonlinear(call: NetworkCall, w0: Mapping[str, Tensor], deltas: Mapping[str, Tensor]) -> Tensor:
+    """The network itself with the named parameters moved to ``w0 + δ``."""
+    return call({n: w0[n] + d for n, d in deltas.items()})
 
 
 class _Unsaved:

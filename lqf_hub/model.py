@@ -9,16 +9,17 @@ their output can be cached (``encode_trunk`` / ``forward(trunk_output=...)``).
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .activations import ActivationMode, count_relu_modules
 from .adapters import NECK, STEM, Backbone, build_from_spec
 from .config import Activation, HeadInit, LQFConfig
-from .linearize import forward_mode_attention, linearized_call, nonlinear_call
+from .linearize import NetworkCall, forward_mode_attention, linearized, nonlinear
 
 
 class _Network(nn.Module):
@@ -60,6 +61,7 @@ class LQFModel(nn.Module):
         self._names = {_delta_key(n): n for n in names}
         self._start = _first_segment(names, backbone)
         self._relu_modules = count_relu_modules(backbone.network)
+        self._interceptor: ActivationMode | None = None
 
     # ----------------------------------------------------------------------------------------- build
     @classmethod
@@ -123,8 +125,7 @@ class LQFModel(nn.Module):
         """``f(x; w0) + J·δ``: ``pixel_values [B, C, H, W]`` (or a cached ``trunk_output``) -> ``[B, K]``."""
         with self._activations(check=trunk_output is None):
             z = self._trunk(pixel_values, trunk_output)
-            with forward_mode_attention():
-                return linearized_call(self.net, self._deltas(), z, self._start)
+            return linearized(self.tail_function(z), self.linearization_point, self.linearized_parameters)
 
     def base_forward(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None) -> Tensor:
         """The network at the linearization point, ``f(x; w0)``, with the same head: ``[B, K]``."""
@@ -137,14 +138,30 @@ class LQFModel(nn.Module):
         """The network itself at ``w0 + δ`` (no linearization), for comparison: ``[B, K]``."""
         with self._activations(check=True):
             z = self._encode(pixel_values)
-            with forward_mode_attention():
-                return nonlinear_call(self.net, self._deltas(), z, self._start)
+            return nonlinear(self.tail_function(z), self.linearization_point, self.linearized_parameters)
+
+    def tail_function(self, trunk_output: Tensor) -> NetworkCall:
+        """The network from ``trunk_output`` on, as a function of parameters ``{network name: tensor}``
+        (the others stay at w0), under the model's activation and attention treatment. Building block of
+        the linearized forward, of K-FAC and of per-sample gradients."""
+
+        def call(params: Mapping[str, Tensor]) -> Tensor:
+            with self._activations(check=False), forward_mode_attention():
+                return functional_call(self.net, dict(params), (trunk_output, self._start))
+
+        return call
 
     # ---------------------------------------------------------------------------------------- state
     @property
     def linearized_parameters(self) -> dict[str, nn.Parameter]:
         """Network parameter name (``backbone.…`` / ``head.…``) -> its δ."""
         return {self._names[k]: p for k, p in self.delta.items()}
+
+    @property
+    def linearization_point(self) -> dict[str, Tensor]:
+        """Network parameter name -> its w0, for the linearized parameters."""
+        params = dict(self.net.named_parameters())
+        return {name: params[name] for name in self._names.values()}
 
     @property
     def num_classes(self) -> int:
@@ -157,9 +174,6 @@ class LQFModel(nn.Module):
         return self
 
     # -------------------------------------------------------------------------------------- helpers
-    def _deltas(self) -> dict[str, Tensor]:
-        return {self._names[k]: p for k, p in self.delta.items()}
-
     def _trunk(self, pixel_values: Tensor | None, trunk_output: Tensor | None) -> Tensor:
         if (pixel_values is None) == (trunk_output is None):
             raise ValueError("Pass exactly one of `pixel_values` and `trunk_output`.")
@@ -172,14 +186,20 @@ class LQFModel(nn.Module):
 
     @contextlib.contextmanager
     def _activations(self, check: bool) -> Iterator[None]:
-        """ReLU treatment for one pass; ``check``: the pass ran the whole network, so it must have seen ReLUs."""
+        """ReLU treatment for one pass (re-entrant); ``check``: the pass runs the whole network, so it
+        must have seen the ReLUs."""
         mode = Activation(self.config.activation)
-        if mode is Activation.NONE:
+        if mode is Activation.NONE or self._interceptor is not None:
             yield
             return
-        with ActivationMode(mode, self.config.leaky_slope) as interceptor:
-            yield
-        if check and interceptor.calls == 0 and self._relu_modules:
+        self._interceptor = ActivationMode(mode, self.config.leaky_slope)
+        try:
+            with self._interceptor:
+                yield
+            calls = self._interceptor.calls
+        finally:
+            self._interceptor = None
+        if check and calls == 0 and self._relu_modules:
             raise RuntimeError(
                 f"The backbone has {self._relu_modules} ReLU modules but none was called through F.relu / "
                 f"F.hardtanh, so activation={mode.value!r} cannot apply; use activation='none'."

@@ -7,7 +7,9 @@ from torch import nn
 
 from lqf_hub.activations import ActivationMode, leaky_relu6
 from lqf_hub.config import Activation
-from lqf_hub.linearize import linearized_call
+from torch.func import functional_call
+
+from lqf_hub.linearize import linearized
 
 SLOPE = 0.1
 
@@ -25,7 +27,7 @@ def test_tangent_mode_jacobian_of_two_layer_net(act, upper):
     x = 4 * torch.randn(5, 4, dtype=torch.float64)
     deltas = {n: torch.randn_like(p, requires_grad=True) for n, p in net.named_parameters()}
     with ActivationMode(Activation.TANGENT, SLOPE) as mode:
-        out = linearized_call(net, deltas, x)
+        out = linearized(lambda p: functional_call(net, p, (x,)), dict(net.named_parameters()), deltas)
     assert mode.calls == 1
     w1, b1, w2, b2 = (p.detach() for p in net.parameters())
     d1, db1, d2, db2 = deltas.values()
