@@ -1,0 +1,315 @@
+"""K-FAC for the linearized model, computed once at w0: the curvature of a linear model does not change.
+
+For the loss ``mean_i ½‖f_lin(x_i) − α·y_i‖² + (λ/2)‖δ‖²`` the Hessian is ``G + λI`` with
+``G = E_i[J_iᵀJ_i]`` the Gauss–Newton matrix of the network at w0. K-FAC approximates G block by block:
+
+* every ``F.linear`` / ``F.conv2d`` call whose weight is linearized gives a Kronecker block ``A ⊗ B`` per
+  group of channels (``A``: second moment of the layer inputs, with a ones entry for the bias;
+  ``B``: second moment of the back-propagated output vectors, summed over the C outputs — exactly, by one
+  backward pass per output, or from random output vectors). Convolutions follow KFC (Grosse & Martens,
+  2016): patches from ``unfold``, locations treated as extra samples; grouped and depthwise
+  convolutions get one block per group.
+* every other linearized tensor (norm scales and shifts, embeddings, layer scales) gets the diagonal of G,
+  from squared gradients of sign-randomised outputs (unbiased for the per-sample sum).
+
+Blocks are inverted through their eigendecompositions with the damping applied to the Kronecker
+eigenvalues exactly: ``(A ⊗ B + γI)⁻¹`` with ``γ = λ + damping · mean eigenvalue of the block``.
+The layer calls are found by intercepting ``F.linear`` / ``F.conv2d`` (so ``padding='same'`` convs,
+weight sharing and any module structure work) and matching the weight tensor the network received.
+"""
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+NetworkCall = Callable[[Mapping[str, Tensor]], Tensor]
+
+
+# ---------------------------------------------------------------------------------------------- math
+def linear_rows(x: Tensor, with_bias: bool) -> Tensor:
+    """Inputs of ``F.linear`` as rows: ``x [..., d_in] -> [M, 1, d_in (+1)]`` (one group)."""
+    rows = x.reshape(-1, 1, x.shape[-1])
+    return _append_ones(rows) if with_bias else rows
+
+
+def conv_rows(x: Tensor, weight_shape: torch.Size, stride, padding, dilation, groups: int, with_bias: bool) -> Tensor:
+    """Patches of ``F.conv2d`` as rows: ``x [N, C, H, W] -> [N·T, groups, C/groups·kh·kw (+1)]``."""
+    kernel = weight_shape[-2:]
+    if isinstance(padding, str):
+        padding = _numeric_padding(padding, kernel, dilation)
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C·kh·kw, T]
+    n, k, t = patches.shape
+    rows = patches.reshape(n, groups, k // groups, t).permute(0, 3, 1, 2).reshape(n * t, groups, k // groups)
+    return _append_ones(rows) if with_bias else rows
+
+
+def output_rows(grad: Tensor, groups: int, channel_dim: int) -> Tensor:
+    """Output gradients as rows: ``[N, C_out, ...]`` (conv) or ``[..., C_out]`` -> ``[M, groups, C_out/groups]``."""
+    if channel_dim != -1:
+        grad = grad.movedim(channel_dim, -1)
+    return grad.reshape(-1, groups, grad.shape[-1] // groups)
+
+
+def second_moment(rows: Tensor) -> Tensor:
+    """``Σ_m r_m r_mᵀ`` per group: ``[M, groups, k] -> [groups, k, k]``."""
+    return torch.einsum("mgi,mgj->gij", rows, rows)
+
+
+def kronecker_inverse_apply(
+    grad: Tensor, eig_a: Tensor, basis_a: Tensor, eig_b: Tensor, basis_b: Tensor, damping: float
+) -> Tensor:
+    """``(A ⊗ B + γI)⁻¹ vec(V)`` per group with ``A = Qa diag(ea) Qaᵀ``, ``B = Qb diag(eb) Qbᵀ``.
+
+    ``grad [groups, d_out, d_in]``, ``eig_a [groups, d_in]``, ``basis_a [groups, d_in, d_in]``,
+    ``eig_b [groups, d_out]``, ``basis_b [groups, d_out, d_out]`` -> ``[groups, d_out, d_in]``.
+    """
+    rotated = basis_b.transpose(-1, -2) @ grad @ basis_a
+    rotated = rotated / (eig_b.unsqueeze(-1) * eig_a.unsqueeze(-2) + damping)
+    return basis_b @ rotated @ basis_a.transpose(-1, -2)
+
+
+def _append_ones(rows: Tensor) -> Tensor:
+    return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+
+
+def _numeric_padding(padding: str, kernel, dilation) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
+    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    if any(t % 2 for t in total):
+        raise ValueError("K-FAC supports padding='same' only for odd effective kernel sizes.")
+    return tuple(t // 2 for t in total)
+
+
+# ------------------------------------------------------------------------------------ layer capture
+@dataclass
+class _Block:
+    """One Kronecker block: a linearized weight (and bias) used by F.linear / F.conv2d."""
+
+    weight: str
+    bias: str | None
+    groups: int
+    a_sum: Tensor | None = None  # Σ rows rowsᵀ over inputs  [groups, d_in, d_in]
+    a_count: float = 0.0  # number of rows (samples x locations)
+    b_sum: Tensor | None = None  # Σ weighted output-gradient outer products  [groups, d_out, d_out]
+    eig: dict[str, Tensor] = field(default_factory=dict)
+
+
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_PARAMETERS = {F.linear: ("input", "weight", "bias"), F.conv2d: ("input", "weight", *_CONV_DEFAULTS)}
+
+
+class _LayerCapture(TorchFunctionMode):
+    """Records inputs (into A) and hooks outputs (for B) of the F.linear / F.conv2d calls on tracked weights."""
+
+    def __init__(self, kfac: "KFAC", names_by_id: dict[int, str]) -> None:
+        super().__init__()
+        self.kfac, self.names_by_id = kfac, names_by_id
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in _PARAMETERS:
+            return out
+        call = {**_CONV_DEFAULTS, **dict(zip(_PARAMETERS[func], args)), **kwargs}
+        name = self.names_by_id.get(id(call["weight"]))
+        if name is None:
+            return out
+        bias = call["bias"]
+        bias_name = None if bias is None else self.names_by_id.get(id(bias))
+        x = call["input"].detach()
+        if func is F.linear:
+            rows, groups, channel_dim = linear_rows(x, bias_name is not None), 1, -1
+        else:
+            groups, channel_dim = call["groups"], 1
+            rows = conv_rows(
+                x, call["weight"].shape, call["stride"], call["padding"], call["dilation"], groups, bias_name is not None
+            )
+        block = self.kfac._block(name, bias_name, groups)
+        moment = second_moment(rows.to(self.kfac.dtype))
+        block.a_sum = moment if block.a_sum is None else block.a_sum + moment
+        block.a_count += rows.shape[0]
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.kfac._add_output_grad(block, grad, groups, channel_dim))
+        return out
+
+
+# ------------------------------------------------------------------------------------------- K-FAC
+class KFAC:
+    """Damped inverse of a Kronecker-factored ``E[JᵀJ]`` at w0, applied to the gradients of δ.
+
+    Usage: ``accumulate`` over some batches, ``finalize`` once (all-reduces across processes), then
+    ``precondition`` after every backward pass. ``outputs``: ``"exact"`` back-propagates each of the C
+    outputs (C backward passes per batch), ``"sampled"`` uses ``samples`` Gaussian output vectors.
+    """
+
+    def __init__(
+        self,
+        w0: Mapping[str, Tensor],
+        deltas: Mapping[str, Tensor],
+        *,
+        ridge: float,
+        damping: float = 1e-3,
+        outputs: str = "exact",
+        samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if outputs not in ("exact", "sampled"):
+            raise ValueError(f"`outputs` must be 'exact' or 'sampled', got {outputs!r}.")
+        if not damping >= 0:
+            raise ValueError(f"`damping` must be >= 0, got {damping}.")
+        self.w0, self.deltas = dict(w0), dict(deltas)
+        self.ridge, self.damping, self.outputs, self.samples = ridge, damping, outputs, samples
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = torch.float64 if next(iter(self.deltas.values())).dtype == torch.float64 else torch.float32
+        self.blocks: dict[str, _Block] = {}
+        self.diag_sum: dict[str, Tensor] = {}
+        self.diag_eig: dict[str, Tensor] = {}
+        self.num_samples = 0.0
+        self._pass_weight = 1.0
+        self.finalized = False
+
+    # ------------------------------------------------------------------------ statistics at w0
+    def accumulate(self, call: NetworkCall, batch_size: int) -> None:
+        """Add one batch: ``call(params) -> outputs [B, C]`` evaluates the network with given parameters."""
+        if self.finalized:
+            raise RuntimeError("K-FAC is already finalized; create a new one to recompute the curvature.")
+        point = {n: self.w0[n] + (d - d.detach()) for n, d in self.deltas.items()}
+        with _LayerCapture(self, {id(t): n for n, t in point.items()}):
+            outputs = call(point)
+        if outputs.ndim != 2 or outputs.shape[0] != batch_size:
+            raise ValueError(f"K-FAC expects network outputs [batch, classes], got {list(outputs.shape)}.")
+        for vectors, weight in self._output_vectors(outputs):
+            self._pass_weight = weight
+            # asking for every parameter's gradient makes the pass reach every hooked layer output
+            grads = torch.autograd.grad((outputs * vectors).sum(), list(point.values()), retain_graph=True, allow_unused=True)
+            for name, grad in zip(point, grads):
+                if grad is not None and not self._in_block(name):
+                    square = weight * grad.detach().to(self.dtype).square()
+                    self.diag_sum[name] = self.diag_sum.get(name, 0) + square
+        self.num_samples += batch_size
+
+    def _output_vectors(self, outputs: Tensor):
+        batch, classes = outputs.shape
+        if self.outputs == "exact":  # one pass per output; random signs keep per-sample sums unbiased
+            signs = torch.randint(0, 2, (batch,), generator=self.generator).to(outputs) * 2 - 1
+            for c in range(classes):
+                vectors = torch.zeros_like(outputs)
+                vectors[:, c] = signs
+                yield vectors, 1.0
+        else:
+            for _ in range(self.samples):
+                yield torch.randn(outputs.shape, generator=self.generator).to(outputs), 1.0 / self.samples
+
+    def _block(self, weight: str, bias: str | None, groups: int) -> _Block:
+        block = self.blocks.get(weight)
+        if block is None:
+            block = self.blocks[weight] = _Block(weight, bias, groups)
+        elif (block.bias, block.groups) != (bias, groups):
+            raise ValueError(f"{weight} is used by layers of different shapes; K-FAC cannot share one block.")
+        return block
+
+    def _add_output_grad(self, block: _Block, grad: Tensor, groups: int, channel_dim: int) -> None:
+        moment = self._pass_weight * second_moment(output_rows(grad.detach(), groups, channel_dim).to(self.dtype))
+        block.b_sum = moment if block.b_sum is None else block.b_sum + moment
+
+    def _in_block(self, name: str) -> bool:
+        return name in self.blocks or any(b.bias == name for b in self.blocks.values())
+
+    # --------------------------------------------------------------------------- inversion
+    def finalize(self, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Average the statistics (summed over processes by ``reduce_sum``) and eigendecompose the blocks."""
+        reduce_sum = reduce_sum or (lambda t: t)
+        count = reduce_sum(torch.tensor([self.num_samples], dtype=torch.float64))
+        n = float(count.item())
+        if n == 0:
+            raise RuntimeError("K-FAC saw no samples; call accumulate() on some batches first.")
+        for block in self.blocks.values():
+            if block.b_sum is None:
+                raise RuntimeError(f"No output gradient reached {block.weight}; is it used by the network output?")
+            rows = float(reduce_sum(torch.tensor([block.a_count], dtype=torch.float64)).item())
+            a = reduce_sum(block.a_sum) / rows  # mean over samples and locations
+            b = reduce_sum(block.b_sum) / n  # sum over locations and outputs, mean over samples
+            eig_a, basis_a = torch.linalg.eigh(a.double())
+            eig_b, basis_b = torch.linalg.eigh(b.double())
+            eig = {"eig_a": eig_a.clamp_min(0), "basis_a": basis_a, "eig_b": eig_b.clamp_min(0), "basis_b": basis_b}
+            block.eig = {k: v.to(self.dtype) for k, v in eig.items()}
+            block.a_sum = block.b_sum = None
+        for name, total in self.diag_sum.items():
+            self.diag_eig[name] = reduce_sum(total) / n
+        self.diag_sum = {}
+        missing = [n for n in self.deltas if not self._in_block(n) and n not in self.diag_eig]
+        for name in missing:  # tensors no output depends on: only the ridge acts on them
+            self.diag_eig[name] = torch.zeros(self.deltas[name].shape, dtype=self.dtype)
+        self.finalized = True
+
+    def precondition(self) -> None:
+        """Replace each ``δ.grad`` by ``(K + γ)⁻¹ δ.grad``."""
+        if not self.finalized:
+            raise RuntimeError("Call KFAC.finalize() before preconditioning.")
+        for block in self.blocks.values():
+            weight = self.deltas[block.weight]
+            bias = self.deltas[block.bias] if block.bias else None
+            if weight.grad is None:
+                continue
+            e = {k: v.to(weight.grad.device) for k, v in block.eig.items()}
+            damping = self.ridge + self.damping * float(e["eig_a"].mean() * e["eig_b"].mean())
+            grad = weight.grad.reshape(block.groups, weight.shape[0] // block.groups, -1).to(self.dtype)
+            if bias is not None:
+                grad = torch.cat([grad, bias.grad.reshape(block.groups, -1, 1).to(self.dtype)], dim=-1)
+            solved = kronecker_inverse_apply(grad, e["eig_a"], e["basis_a"], e["eig_b"], e["basis_b"], damping)
+            if bias is not None:
+                bias.grad.copy_(solved[..., -1].reshape(bias.shape))
+                solved = solved[..., :-1]
+            weight.grad.copy_(solved.reshape(weight.shape))
+        for name, diag in self.diag_eig.items():
+            grad = self.deltas[name].grad
+            if grad is not None:
+                diag = diag.to(grad.device)
+                grad.div_((diag + self.ridge + self.damping * diag.mean()).to(grad.dtype))
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Tensor]:
+        if not self.finalized:
+            raise RuntimeError("Only a finalized K-FAC can be saved.")
+        state = {f"diag/{n}": d for n, d in self.diag_eig.items()}
+        for name, block in self.blocks.items():
+            state.update({f"block/{name}/{k}": v for k, v in block.eig.items()})
+            state[f"block/{name}/groups"] = torch.tensor(block.groups)
+            state[f"block/{name}/bias_index"] = torch.tensor(-1 if block.bias is None else list(self.deltas).index(block.bias))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        names = list(self.deltas)
+        self.blocks, self.diag_eig = {}, {}
+        for key, value in state.items():
+            kind, rest = key.split("/", 1)
+            if kind == "diag":
+                self.diag_eig[rest] = value
+                continue
+            name, part = rest.rsplit("/", 1)
+            block = self.blocks.setdefault(name, _Block(name, None, 1))
+            if part == "groups":
+                block.groups = int(value)
+            elif part == "bias_index":
+                block.bias = None if int(value) < 0 else names[int(value)]
+            else:
+                block.eig[part] = value
+        unknown = [n for n in [*self.blocks, *self.diag_eig] if n not in self.deltas]
+        if unknown:
+            raise ValueError(f"K-FAC state names tensors this model does not linearize: {unknown[:3]}.")
+        self.finalized = True
+
+
+def condition_number(kfac: KFAC) -> float:
+    """Largest over smallest damped curvature eigenvalue across all blocks (a diagnostic)."""
+    eigs = [torch.outer(b.eig["eig_b"].flatten(), b.eig["eig_a"].flatten()).flatten() for b in kfac.blocks.values()]
+    eigs += [d.flatten() for d in kfac.diag_eig.values()]
+    values = torch.cat(eigs) + kfac.ridge
+    return math.inf if values.min() <= 0 else float(values.max() / values.min())
