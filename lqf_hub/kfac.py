@@ -61,15 +61,15 @@ def second_moment(rows: Tensor) -> Tensor:
 
 
 def kronecker_inverse_apply(
-    grad: Tensor, eig_a: Tensor, basis_a: Tensor, eig_b: Tensor, basis_b: Tensor, damping: float
+    grad: Tensor, eig_a: Tensor, basis_a: Tensor, eig_b: Tensor, basis_b: Tensor, damping: float, power: float = 1.0
 ) -> Tensor:
-    """``(A ⊗ B + γI)⁻¹ vec(V)`` per group with ``A = Qa diag(ea) Qaᵀ``, ``B = Qb diag(eb) Qbᵀ``.
+    """``(A ⊗ B + γI)^-power vec(V)`` per group with ``A = Qa diag(ea) Qaᵀ``, ``B = Qb diag(eb) Qbᵀ``.
 
     ``grad [groups, d_out, d_in]``, ``eig_a [groups, d_in]``, ``basis_a [groups, d_in, d_in]``,
     ``eig_b [groups, d_out]``, ``basis_b [groups, d_out, d_out]`` -> ``[groups, d_out, d_in]``.
     """
     rotated = basis_b.transpose(-1, -2) @ grad @ basis_a
-    rotated = rotated / (eig_b.unsqueeze(-1) * eig_a.unsqueeze(-2) + damping)
+    rotated = rotated / (eig_b.unsqueeze(-1) * eig_a.unsqueeze(-2) + damping).pow(power)
     return basis_b @ rotated @ basis_a.transpose(-1, -2)
 
 
@@ -249,30 +249,30 @@ class KFAC:
             self.diag_eig[name] = torch.zeros(self.deltas[name].shape, dtype=self.dtype)
         self.finalized = True
 
-    def precondition(self) -> None:
-        """Replace each ``δ.grad`` by ``(K + γ)⁻¹ δ.grad``."""
+    def precondition(self, grads: Mapping[str, Tensor], power: float = 1.0) -> None:
+        """Replace each gradient (network name -> tensor shaped like its δ) by ``(K + γ)^-power grad``, in place."""
         if not self.finalized:
             raise RuntimeError("Call KFAC.finalize() before preconditioning.")
         for block in self.blocks.values():
-            weight = self.deltas[block.weight]
-            bias = self.deltas[block.bias] if block.bias else None
-            if weight.grad is None:
+            weight, bias = grads.get(block.weight), grads.get(block.bias) if block.bias else None
+            if weight is None:
                 continue
-            e = {k: v.to(weight.grad.device) for k, v in block.eig.items()}
+            e = {k: v.to(weight.device) for k, v in block.eig.items()}
             damping = self.ridge + self.damping * float(e["eig_a"].mean() * e["eig_b"].mean())
-            grad = weight.grad.reshape(block.groups, weight.shape[0] // block.groups, -1).to(self.dtype)
-            if bias is not None:
-                grad = torch.cat([grad, bias.grad.reshape(block.groups, -1, 1).to(self.dtype)], dim=-1)
-            solved = kronecker_inverse_apply(grad, e["eig_a"], e["basis_a"], e["eig_b"], e["basis_b"], damping)
-            if bias is not None:
-                bias.grad.copy_(solved[..., -1].reshape(bias.shape))
+            matrix = weight.reshape(block.groups, weight.shape[0] // block.groups, -1).to(self.dtype)
+            if block.bias:  # a bias missing from ``grads`` counts as a zero gradient
+                column = matrix.new_zeros(*matrix.shape[:2], 1) if bias is None else bias.reshape(block.groups, -1, 1)
+                matrix = torch.cat([matrix, column.to(self.dtype)], dim=-1)
+            solved = kronecker_inverse_apply(matrix, e["eig_a"], e["basis_a"], e["eig_b"], e["basis_b"], damping, power)
+            if block.bias:
+                if bias is not None:
+                    bias.copy_(solved[..., -1].reshape(bias.shape))
                 solved = solved[..., :-1]
-            weight.grad.copy_(solved.reshape(weight.shape))
+            weight.copy_(solved.reshape(weight.shape))
         for name, diag in self.diag_eig.items():
-            grad = self.deltas[name].grad
-            if grad is not None:
-                diag = diag.to(grad.device)
-                grad.div_((diag + self.ridge + self.damping * diag.mean()).to(grad.dtype))
+            if name in grads:
+                diag = diag.to(grads[name].device)
+                grads[name].div_((diag + self.ridge + self.damping * diag.mean()).pow(power).to(grads[name].dtype))
 
     # --------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Tensor]:

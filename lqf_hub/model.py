@@ -140,6 +140,13 @@ class LQFModel(nn.Module):
             z = self._encode(pixel_values)
             return nonlinear(self.tail_function(z), self.linearization_point, self.linearized_parameters)
 
+    def features(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None) -> Tensor:
+        """Pre-logit features of the backbone at w0 (what the head sees): ``[B, num_features]``."""
+        with torch.no_grad(), self._activations(check=trunk_output is None):
+            z = self._trunk(pixel_values, trunk_output)
+            with forward_mode_attention():
+                return self.net(z, self._start, len(self.net.segments))
+
     def tail_function(self, trunk_output: Tensor) -> NetworkCall:
         """The network from ``trunk_output`` on, as a function of parameters ``{network name: tensor}``
         (the others stay at w0), under the model's activation and attention treatment. Building block of

@@ -40,12 +40,10 @@ def _ggn(net, x) -> torch.Tensor:
 
 
 def _preconditioned(kfac: KFAC, deltas: dict, grads: torch.Tensor) -> torch.Tensor:
-    offset = 0
-    for d in deltas.values():
-        d.grad = grads[offset:offset + d.numel()].reshape(d.shape).clone()
-        offset += d.numel()
-    kfac.precondition()
-    return torch.cat([d.grad.flatten() for d in deltas.values()])
+    split = dict(zip(deltas, grads.clone().split([d.numel() for d in deltas.values()])))
+    shaped = {n: g.reshape(deltas[n].shape) for n, g in split.items()}
+    kfac.precondition(shaped)
+    return torch.cat([g.flatten() for g in shaped.values()])
 
 
 def _interleave_bias(net: nn.Module) -> torch.Tensor:
@@ -137,7 +135,7 @@ def test_preconditioned_sgd_beats_plain_sgd_on_ill_conditioned_least_squares():
             loss = 0.5 * (out - y).square().sum(-1).mean()
             loss.backward()
             if precondition:
-                kfac.precondition()
+                kfac.precondition({n: d.grad for n, d in deltas.items()})
             optimizer.step()
             best = loss.item()
             if best < 1e-6:
@@ -166,6 +164,6 @@ def test_errors():
         KFAC(dict(net.named_parameters()), _deltas(net), ridge=0.0, outputs="all")
     kfac = KFAC(dict(net.named_parameters()), _deltas(net), ridge=0.0)
     with pytest.raises(RuntimeError, match="finalize"):
-        kfac.precondition()
+        kfac.precondition({})
     with pytest.raises(RuntimeError, match="saw no samples"):
         kfac.finalize()

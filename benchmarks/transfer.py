@@ -1,0 +1,174 @@
+"""Transfer benchmark: LQF against a linear probe and ordinary fine-tuning, same backbone, same data.
+
+Every run: ImageNet tf_efficientnet_lite0 (embedded weights), a stratified few-shot training set, a
+stratified test subset, one seed. Methods:
+  probe   logistic regression on the frozen pre-logit features (L-BFGS)
+  lqf     the linearized model trained with lqf-hub's trainer (K-FAC, MSE, automatic step size)
+  ft      ordinary fine-tuning of every weight (SGD, cross-entropy)
+``--grid key=v1,v2 ...`` runs LQF over the product of LQFConfig / TrainingArguments values.
+
+    python benchmarks/transfer.py --dataset fashion-mnist --shots 100 --methods probe lqf ft
+    python benchmarks/transfer.py --dataset mnist-5k --shots 10 100 --methods lqf \\
+        --grid activation=tangent,leaky,none linearize=last:1,last:2,last:3
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lqf_hub import LQFConfig, LQFModel
+from lqf_hub.baselines import accuracy, fine_tune, linear_probe
+from lqf_hub.data import load_image_dataset, sample_shots, with_transform
+from lqf_hub.train import LQFTrainer, TrainingArguments, TrainingDiverged
+
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(LQFConfig)}
+TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def _value(key: str, text: str):
+    if key in ("activation", "linearize", "head_init", "loss", "preconditioner", "kfac_outputs"):
+        return text
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"auto": None, "true": True, "false": False}.get(text.lower(), text)
+
+
+def _grid(specs: list[str]) -> list[dict]:
+    keys, values = [], []
+    for spec in specs:
+        key, _, options = spec.partition("=")
+        if key not in CONFIG_FIELDS | TRAINING_FIELDS:
+            raise SystemExit(f"--grid key {key!r} is neither an LQFConfig nor a TrainingArguments field")
+        keys.append(key)
+        values.append([_value(key, v) for v in options.split(",")])
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def run_lqf(settings: dict, train, test, num_classes: int, args) -> dict:
+    config = LQFConfig(**{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
+    model = LQFModel.from_timm(args.backbone, num_classes, config)
+    with tempfile.TemporaryDirectory() as out:
+        training = TrainingArguments(
+            output_dir=out, epochs=args.epochs, batch_size=args.batch_size, progress=False,
+            **{k: v for k, v in settings.items() if k in TRAINING_FIELDS},
+        )
+        trainer = LQFTrainer(model, with_transform(train, model.data_config, args.image_size),
+                             with_transform(test, model.data_config, args.image_size), training)
+        started = time.perf_counter()
+        try:
+            history = trainer.train()
+        except TrainingDiverged as err:
+            return {"accuracy": float("nan"), "note": str(err).split(".")[0]}
+        return {
+            "accuracy": history[-1]["eval_accuracy"], "seconds": time.perf_counter() - started,
+            "learning_rate": history[0]["learning_rate"], "train_loss": history[-1]["train_loss"],
+            "trainer": trainer,
+        }
+
+
+def run_probe(trainer: LQFTrainer | None, train, test, num_classes: int, args) -> dict:
+    """Probe on the pre-logit features; reuses an LQF trainer's cached trunk outputs when given."""
+    started = time.perf_counter()
+    if trainer is None:
+        model = LQFModel.from_timm(args.backbone, num_classes, LQFConfig(linearize="head"))
+        splits = [with_transform(d, model.data_config, args.image_size) for d in (train, test)]
+        feats = [_stack(lambda batch: model.features(pixel_values=batch), s) for s in splits]
+    else:
+        model = trainer.model
+        feats = [_stack(lambda batch: model.features(trunk_output=batch), d) for d in (trainer.train_data, trainer.eval_data)]
+    (x_train, y_train), (x_test, y_test) = feats
+    head = linear_probe(x_train, y_train, num_classes)
+    with torch.no_grad():
+        acc = float((head(x_test).argmax(-1) == y_test).float().mean())
+    return {"accuracy": acc, "seconds": time.perf_counter() - started}
+
+
+def _stack(encode, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    from lqf_hub.data import collate
+
+    values, labels = [], []
+    for start in range(0, len(dataset), 256):
+        x, y = collate([dataset[i] for i in range(start, min(start + 256, len(dataset)))])
+        values.append(encode(x))
+        labels.append(y)
+    return torch.cat(values), torch.cat(labels)
+
+
+def run_ft(train, test, num_classes: int, args) -> dict:
+    from lqf_hub.adapters.timm import timm_backbone
+
+    backbone = timm_backbone(args.backbone)
+    transform = backbone.data_config
+    started = time.perf_counter()
+    model = fine_tune(
+        backbone.network, backbone.num_features, num_classes, with_transform(train, transform, args.image_size),
+        epochs=args.ft_epochs, learning_rate=args.ft_lr, batch_size=args.ft_batch_size, progress=False,
+    )
+    acc = accuracy(model, with_transform(test, transform, args.image_size))
+    return {"accuracy": acc, "seconds": time.perf_counter() - started}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--shots", type=int, nargs="+", default=[100])
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--methods", nargs="+", default=["probe", "lqf", "ft"], choices=["probe", "lqf", "ft"])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ft-epochs", type=int, default=10)
+    parser.add_argument("--ft-lr", type=float, default=0.01)
+    parser.add_argument("--ft-batch-size", type=int, default=32)
+    parser.add_argument("--grid", nargs="*", default=[], help="LQF settings to sweep: key=v1,v2 ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="append results (JSON lines) to this file")
+    args = parser.parse_args(argv)
+
+    test_full = load_image_dataset(args.dataset, "test")
+    test = sample_shots(test_full, args.test_per_class, seed=1000 + args.seed)
+    train_full = load_image_dataset(args.dataset, "train")
+    num_classes = len(train_full.features["label"].names)
+    rows = []
+    for shots in args.shots:
+        train = sample_shots(train_full, shots, seed=args.seed)
+        trainer = None
+        for settings in _grid(args.grid) if "lqf" in args.methods else []:
+            result = run_lqf(settings, train, test, num_classes, args)
+            trainer = result.pop("trainer", trainer)
+            rows.append({"dataset": args.dataset, "shots": shots, "method": "lqf", "settings": settings, **result})
+            print(json.dumps(rows[-1]), flush=True)
+        if "probe" in args.methods:
+            rows.append({"dataset": args.dataset, "shots": shots, "method": "probe", "settings": {},
+                         **run_probe(trainer, train, test, num_classes, args)})
+            print(json.dumps(rows[-1]), flush=True)
+        if "ft" in args.methods:
+            rows.append({"dataset": args.dataset, "shots": shots, "method": "ft",
+                         "settings": {"lr": args.ft_lr, "epochs": args.ft_epochs}, **run_ft(train, test, num_classes, args)})
+            print(json.dumps(rows[-1]), flush=True)
+    common = {"image_size": args.image_size, "test_per_class": args.test_per_class, "seed": args.seed,
+              "epochs": args.epochs, "backbone": args.backbone}
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps({**row, **common}) + "\n")
+    print("\n| dataset | shots | method | settings | test acc (%) | seconds |\n|---|---:|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['dataset']} | {r['shots']} | {r['method']} | {json.dumps(r['settings'])} | "
+              f"{100 * r['accuracy']:.2f} | {r.get('seconds', float('nan')):.0f} |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
