@@ -59,7 +59,8 @@ def run_lqf(settings: dict, train, test, num_classes: int, args) -> dict:
     model = LQFModel.from_timm(args.backbone, num_classes, config)
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
-            output_dir=out, epochs=args.epochs, batch_size=args.batch_size, progress=False,
+            output_dir=out, epochs=args.epochs, batch_size=args.batch_size, progress=False, eval_every=args.epochs,
+            save_every=args.epochs,
             **{k: v for k, v in settings.items() if k in TRAINING_FIELDS},
         )
         trainer = LQFTrainer(model, with_transform(train, model.data_config, args.image_size),

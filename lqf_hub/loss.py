@@ -19,10 +19,11 @@ class Loss(str, enum.Enum):
 
 def data_loss(logits: Tensor, labels: Tensor, target_scale: float, kind: Loss = Loss.MSE) -> Tensor:
     """Mean over the batch: ``logits [B, K]``, ``labels [B]`` (int) -> scalar."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: loss in float32
     if kind is Loss.CROSS_ENTROPY:
-        return F.cross_entropy(logits.float(), labels)
-    targets = target_scale * F.one_hot(labels, logits.shape[-1]).to(torch.float32)
-    return 0.5 * (logits.float() - targets).square().sum(-1).mean()
+        return F.cross_entropy(logits, labels)
+    targets = target_scale * F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
+    return 0.5 * (logits - targets).square().sum(-1).mean()
 
 
 def ridge_penalty(deltas: Iterable[Tensor], ridge: float) -> Tensor:

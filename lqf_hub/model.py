@@ -8,17 +8,23 @@ their output can be cached (``encode_trunk`` / ``forward(trunk_output=...)``).
 
 import contextlib
 import dataclasses
+import json
 import math
+import os
+import tempfile
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .activations import ActivationMode, count_relu_modules
-from .adapters import NECK, STEM, Backbone, build_from_spec
+from .adapters import NECK, STEM, Backbone, build_base, build_from_spec
 from .config import Activation, HeadInit, LQFConfig
+from .hub import CheckpointError, backbone_sha256, checkpoint_tensors, read_config, read_tensors, resolve_files, save_checkpoint
 from .linearize import NetworkCall, forward_mode_attention, linearized, nonlinear
 
 
@@ -37,13 +43,20 @@ class _Network(nn.Module):
         return x if stop is not None else self.head(x)
 
 
-class LQFModel(nn.Module):
-    """A linearized image classifier. Build with :meth:`from_timm` or :meth:`from_transformers`.
+class LQFModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="lqf-hub",
+    tags=["lqf", "linearized", "image-classification"],
+    pipeline_tag="image-classification",
+):
+    """A linearized image classifier. Build with :meth:`from_timm`, :meth:`from_transformers` or
+    :meth:`from_pretrained` (an LQF checkpoint, local or on the Hub).
 
     Shapes: ``pixel_values [B, C, H, W] -> logits [B, num_classes]``.
     """
 
-    def __init__(self, config: LQFConfig, backbone: Backbone | None = None) -> None:
+    def __init__(self, config: LQFConfig, backbone: Backbone | None = None, head: nn.Linear | None = None) -> None:
         super().__init__()
         if not config.num_classes:
             raise ValueError("`config.num_classes` must be set (>= 1); from_timm/from_transformers set it for you.")
@@ -51,8 +64,10 @@ class LQFModel(nn.Module):
             backbone = build_from_spec(config.backbone)
         self.config = config
         self.data_config: dict[str, Any] = backbone.data_config
+        self.training_summary: dict[str, Any] = {}  # dataset and metrics of the run that trained δ (model card)
         self._fixed_input_size = backbone.fixed_input_size
-        self.net = _Network(backbone, _new_head(config, backbone)).requires_grad_(False).eval()
+        head = head if head is not None else _new_head(config, backbone)
+        self.net = _Network(backbone, head).requires_grad_(False).eval()
         names = _linearized_names(config.linearize, backbone, self.net)
         self.delta = nn.ParameterDict()  # filled in network order (a plain dict would be sorted by key)
         network_params = dict(self.net.named_parameters())
@@ -110,7 +125,71 @@ class LQFModel(nn.Module):
         labels = config.id2label or (backbone.pretrained_labels if keep_head else None)
         config = config.with_classes(num_classes, labels)
         spec = {**backbone.spec, "data_config": backbone.data_config, "num_features": backbone.num_features}
+        spec = json.loads(json.dumps(spec, default=str))  # exactly what a saved config.json will give back
         return cls(dataclasses.replace(config, backbone=spec), backbone)
+
+    # ----------------------------------------------------------------------------- save and load
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, base: str = "full", push_to_hub: bool = False,
+        repo_id: str | None = None, **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write config, safetensors and model card to ``save_directory`` (atomically).
+
+        ``base="full"`` stores the linearization point too; ``base="reference"`` only δ and the head, plus
+        the base model's id and the sha256 of its weights (a few % of the size for a tail-linearized model).
+        """
+        save_checkpoint(self, save_directory, base)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or Path(save_directory).name, base=base, **push_to_hub_kwargs)
+        return None
+
+    def push_to_hub(
+        self, repo_id: str, *, base: str = "full", private: bool | None = None, token: str | None = None,
+        commit_message: str = "Upload LQF model", branch: str | None = None, create_pr: bool | None = None,
+    ) -> str:
+        """Create ``repo_id`` if needed and upload the checkpoint in one commit; returns the commit URL."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_checkpoint(self, Path(tmp) / "checkpoint", base, repo_id=repo_id)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=branch, create_pr=create_pr)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
+        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False, force_download: bool = False,
+    ) -> "LQFModel":
+        """Load an LQF checkpoint from a directory or a Hub repo; everything is validated before use."""
+        hub = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
+        config_file, weights_file = resolve_files(
+            pretrained_model_name_or_path, revision=revision, force_download=force_download, **hub
+        )
+        saved, config = read_config(config_file)
+        try:
+            backbone = build_base(config.backbone, **hub) if saved["base"] == "reference" else build_from_spec(config.backbone)
+        except (ValueError, TypeError, KeyError) as err:
+            raise CheckpointError(f"{config_file}: cannot build the backbone it describes: {err}") from None
+        if saved["base"] == "reference":
+            found = backbone_sha256(backbone.network.state_dict())
+            if found != saved["base_sha256"]:
+                raise CheckpointError(
+                    f"The base model fetched for {pretrained_model_name_or_path} has weights sha256 {found}, but the "
+                    f"checkpoint was trained on {saved['base_sha256']}; it needs the exact same base."
+                )
+        model = cls(config, backbone, nn.Linear(backbone.num_features, config.num_classes)).to(getattr(torch, saved["dtype"]))
+        tensors = read_tensors(weights_file, {k: v.shape for k, v in checkpoint_tensors(model, saved["base"]).items()})
+        with torch.no_grad():
+            if saved["base"] == "full":
+                model.net.backbone.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("base.")})
+                if backbone_sha256(model.net.backbone.state_dict()) != saved["base_sha256"]:
+                    raise CheckpointError(f"{weights_file}: the stored base weights do not match the hash in the config.")
+            model.net.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+            for name, delta in model.linearized_parameters.items():
+                delta.copy_(tensors[f"delta.{name}"])
+        model.training_summary = saved.get("training") or {}
+        return model
 
     # --------------------------------------------------------------------------------------- forward
     def encode_trunk(self, pixel_values: Tensor) -> Tensor:
@@ -188,8 +267,9 @@ class LQFModel(nn.Module):
 
     def _encode(self, pixel_values: Tensor) -> Tensor:
         self._check_pixels(pixel_values)
+        dtype = self.net.head.weight.dtype  # float32 pixels into a float64 / bfloat16 model
         with torch.no_grad():
-            return self.net(pixel_values, 0, self._start)
+            return self.net(pixel_values.to(dtype), 0, self._start)
 
     @contextlib.contextmanager
     def _activations(self, check: bool) -> Iterator[None]:

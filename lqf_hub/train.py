@@ -64,10 +64,13 @@ class TrainingArguments:
     divergence_factor: float = field(default=100.0, metadata={"help": "Stop if the loss exceeds this x the first."})
     report_to: str | None = field(default=None, metadata={"help": "Accelerate trackers ('all', 'tensorboard', ...)."})
     resume_from: str | None = field(default=None, metadata={"help": "A checkpoint directory to continue from."})
+    eval_every: int = field(default=1, metadata={"help": "Evaluate every this many epochs (and the last)."})
+    save_every: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (and the last)."})
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars (main process)."})
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "kfac_batches", "gradient_accumulation_steps"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "kfac_batches", "gradient_accumulation_steps", "save_every",
+                     "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
@@ -82,7 +85,7 @@ class TrainingArguments:
         """What a checkpoint must agree on to be resumed (not epochs, output or logging options)."""
         keep = {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("epochs", "output_dir", "resume_from", "report_to", "progress", "num_workers",
-                             "eval_batch_size", "cache_in_memory_gb")}
+                             "eval_batch_size", "cache_in_memory_gb", "save_every", "eval_every")}
         config = {k: v for k, v in model.config.to_dict().items() if k != "id2label"}
         blob = json.dumps({"args": keep, "config": config, "num_train": num_train}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -239,10 +242,14 @@ class LQFTrainer:
                       "learning_rate": self.learning_rate, "seconds": time.perf_counter() - started}
             if kfac is not None and epoch == 0:
                 record["kfac_condition_number"] = condition_number(kfac)
-            if eval_data is not None:
+            last = epoch + 1 == args.epochs
+            if eval_data is not None and ((epoch + 1) % args.eval_every == 0 or last):
                 record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
             self._log(record)
-            self._checkpoint(epoch + 1, fingerprint)
+            if (epoch + 1) % args.save_every == 0 or last:
+                self._checkpoint(epoch + 1, fingerprint)
+        if acc.is_main_process:
+            plot_history(self.history, self.output_dir / "curves.png")
         acc.end_training()
         return self.history
 
@@ -282,10 +289,11 @@ class LQFTrainer:
                                                   disable=not (self.args.progress and acc.is_main_process)):
             z = model.encode_trunk(pixels.to(acc.device))
             indices, z, batch_labels = acc.gather_for_metrics((indices, z, batch_labels))
+            host = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32).cpu().numpy()  # no bf16 in numpy
             if values is None:
-                values = self._allocate(len(dataset), z.shape[1:], split)
+                values = self._allocate(len(dataset), host.shape[1:], split, host.dtype)
                 labels = torch.empty(len(dataset), dtype=torch.long)
-            values[indices.cpu().numpy()] = z.float().cpu().numpy()
+            values[indices.cpu().numpy()] = host
             labels[indices.cpu()] = batch_labels.cpu()
         self._check_labels(labels, split)
         return _Features(values, labels)
@@ -298,13 +306,13 @@ class LQFTrainer:
                 f"the model has num_classes={self.model.num_classes}."
             )
 
-    def _allocate(self, rows: int, shape: torch.Size, split: str):
-        size = rows * math.prod(shape) * 4
+    def _allocate(self, rows: int, shape: torch.Size, split: str, dtype) -> np.ndarray:
+        size = rows * math.prod(shape) * np.dtype(dtype).itemsize
         if size <= self.args.cache_in_memory_gb * 2**30:
-            return np.empty((rows, *shape), dtype=np.float32)
+            return np.empty((rows, *shape), dtype=dtype)
         path = self.output_dir / "cache" / f"{split}-{os.getpid()}.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, *shape))
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))
 
     def _curvature_batches(self, train_data: Dataset) -> list[torch.Tensor]:
         """The first ``kfac_batches`` batches (fixed order) as trunk outputs: for K-FAC and the step size."""
@@ -367,7 +375,6 @@ class LQFTrainer:
         acc.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        plot_history(self.history, self.output_dir / "curves.png")
         summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
         tqdm.write(f"epoch {record['epoch']}: {summary}")
 
@@ -379,9 +386,12 @@ class LQFTrainer:
             state = {"epoch": epoch, "fingerprint": fingerprint, "learning_rate": self.learning_rate,
                      "history": self.history}
             (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
-            old = self.output_dir / "checkpoints" / f"epoch-{epoch - 2}"
-            if old.is_dir() and str(old.resolve()) != str(Path(self.args.resume_from or "").resolve()):
-                shutil.rmtree(old)
+            resumed = Path(self.args.resume_from).resolve() if self.args.resume_from else None
+            previous = sorted((p for p in directory.parent.glob("epoch-*") if p != directory),
+                              key=lambda p: int(p.name.split("-")[1]))
+            for old in previous[:-1]:  # keep this and the previous checkpoint
+                if old.resolve() != resumed:
+                    shutil.rmtree(old)
 
     def _check_resume(self, fingerprint: str) -> tuple[int, list[dict[str, Any]], float | None]:
         if not self.args.resume_from:
@@ -411,12 +421,12 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in history]
+    evaluated = [r for r in history if "eval_loss" in r]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    if "eval_loss" in history[0]:
-        ax_loss.plot(epochs, [r["eval_loss"] for r in history], "o-", label="eval")
-        ax_acc.plot(epochs, [100 * r["eval_accuracy"] for r in history], "o-", color="C1")
+    ax_loss.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], "o-", label="train")
+    if evaluated:
+        ax_loss.plot([r["epoch"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="eval")
+        ax_acc.plot([r["epoch"] for r in evaluated], [100 * r["eval_accuracy"] for r in evaluated], "o-", color="C1")
     ax_loss.set(xlabel="epoch", ylabel="loss (MSE to α·one-hot)", yscale="log", title="loss")
     ax_loss.legend()
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="eval accuracy")

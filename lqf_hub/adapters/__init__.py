@@ -46,6 +46,23 @@ def whole(network: nn.Module) -> list[Segment]:
     return [Segment(STEM, network)]
 
 
+def build_base(spec: dict[str, Any], **hub_kwargs: Any) -> Backbone:
+    """Fetch the pretrained backbone recorded in ``spec["source"]`` again (checkpoints storing only δ)."""
+    source = spec.get("source") or {}
+    if spec.get("library") == "timm" and "timm_name" in source:
+        from .timm import timm_backbone
+
+        return timm_backbone(source["timm_name"], pretrained=True, model_args=spec.get("model_args"))
+    if spec.get("library") == "transformers" and "repo_id" in source:
+        from .transformers import transformers_backbone
+
+        hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+        return transformers_backbone(
+            source["repo_id"], data_config=spec.get("data_config"), revision=source.get("revision"), **hub_kwargs
+        )
+    raise ValueError("The config records no source to fetch the base model from; it must be saved with base='full'.")
+
+
 def build_from_spec(spec: dict[str, Any]) -> Backbone:
     """Rebuild a backbone's architecture (random weights) from the ``spec`` an adapter recorded."""
     library = spec.get("library")

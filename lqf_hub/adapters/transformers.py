@@ -28,8 +28,11 @@ def transformers_backbone(
     """
     from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
+    source = None
     if isinstance(repo_id_or_model, str):
         model = AutoModelForImageClassification.from_pretrained(repo_id_or_model, **from_pretrained_kwargs)
+        revision = getattr(model.config, "_commit_hash", None) or from_pretrained_kwargs.get("revision")
+        source = {"repo_id": repo_id_or_model, "revision": revision, "hub_id": repo_id_or_model}
         if data_config is None:
             try:
                 processor = AutoImageProcessor.from_pretrained(repo_id_or_model, **_hub_kwargs(from_pretrained_kwargs))
@@ -44,7 +47,7 @@ def transformers_backbone(
         raise TypeError(
             f"Expected a Hugging Face repo id or a transformers PreTrainedModel, got {type(repo_id_or_model).__name__}."
         )
-    return _to_backbone(model, data_config)
+    return _to_backbone(model, data_config, source)
 
 
 def transformers_backbone_from_spec(spec: dict[str, Any]) -> Backbone:
@@ -54,7 +57,7 @@ def transformers_backbone_from_spec(spec: dict[str, Any]) -> Backbone:
     config_dict = dict(spec["config"])
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForImageClassification.from_config(config)
-    return _to_backbone(model, spec["data_config"])
+    return _to_backbone(model, spec["data_config"], spec.get("source"))
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs[k] for k in keys if k in kwargs}
 
 
-def _to_backbone(model: nn.Module, data_config: dict[str, Any] | None) -> Backbone:
+def _to_backbone(model: nn.Module, data_config: dict[str, Any] | None, source: dict[str, Any] | None) -> Backbone:
     labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     head = _take_classifier(model)
     model.eval().requires_grad_(False)
@@ -75,7 +78,7 @@ def _to_backbone(model: nn.Module, data_config: dict[str, Any] | None) -> Backbo
         segments=segments,
         blocks=_block_names(model),
         data_config=data_config,
-        spec={"library": "transformers", "config": model.config.to_dict(), "data_config": data_config},
+        spec={"library": "transformers", "config": model.config.to_dict(), "data_config": data_config, "source": source},
         pretrained_head=head,
         pretrained_labels=labels if len(labels) == head.out_features else None,
         fixed_input_size=model.config.model_type in _FIXED_SIZE,

@@ -1,0 +1,156 @@
+"""Checkpoints: bit-exact round trips, delta-only checkpoints, bad files, model cards."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import build
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+
+from lqf_hub import LQFConfig, LQFModel
+from lqf_hub.hub import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+
+
+def assert_same_model(a: LQFModel, b: LQFModel, x: torch.Tensor) -> None:
+    assert a.config == b.config and a.training_summary == b.training_summary
+    for forward in ("forward", "base_forward", "nonlinear_forward"):
+        assert torch.equal(getattr(a, forward)(x), getattr(b, forward)(x)), forward
+
+
+@pytest.mark.parametrize("family", ["timm-resnet", "timm-vit", "hf-vit", "hf-convnext", "hf-swin"])
+def test_save_load_round_trip_is_bit_exact(family, tmp_path):
+    model, x = build(family, dtype=torch.float32, linearize="last:1")
+    model.training_summary = {"dataset": "toy", "metrics": {"accuracy": 0.5}}
+    model.save_pretrained(tmp_path / "ckpt")
+    assert_same_model(model, LQFModel.from_pretrained(tmp_path / "ckpt"), x)
+
+
+def test_bfloat16_round_trip(tmp_path):
+    model, x = build("timm-convnext", dtype=torch.float32)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = LQFModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.net.head.weight.dtype == torch.bfloat16
+    assert_same_model(model, loaded, x.to(torch.bfloat16))
+
+
+def test_nothing_is_unpickled(tmp_path, monkeypatch):
+    model, x = build("timm-resnet", dtype=torch.float32)
+    model.save_pretrained(tmp_path / "ckpt")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during load")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    assert_same_model(model, LQFModel.from_pretrained(tmp_path / "ckpt"), x)
+
+
+def test_delta_only_checkpoint_is_small_and_checks_its_base(tmp_path):
+    model = LQFModel.from_timm("tf_efficientnet_lite0", 10, LQFConfig(linearize="head"))
+    with torch.no_grad():
+        for d in model.delta.values():
+            d.normal_(0, 1e-2)
+    x = torch.randn(2, 3, 64, 64)
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "delta", base="reference")
+    full, delta = ((tmp_path / d / WEIGHTS_FILE).stat().st_size for d in ("full", "delta"))
+    assert delta < 0.05 * full, (delta, full)
+    assert_same_model(model, LQFModel.from_pretrained(tmp_path / "delta"), x)
+
+    config = json.loads((tmp_path / "delta" / CONFIG_FILE).read_text())
+    expected = config["base_sha256"]
+    config["base_sha256"] = "0" * 64  # as if trained on another base
+    (tmp_path / "delta" / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"sha256 {expected}, but the checkpoint was trained on 0{{64}}"):
+        LQFModel.from_pretrained(tmp_path / "delta")
+
+
+def test_delta_only_needs_a_refetchable_base(tmp_path):
+    model, _ = build("timm-resnet", dtype=torch.float32)  # built from an instance: no source to fetch again
+    with pytest.raises(ValueError, match="base='reference' needs a backbone that can be fetched again"):
+        model.save_pretrained(tmp_path / "ckpt", base="reference")
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, x = build("timm-efficientnet", dtype=torch.float32, linearize="last:1")
+    path = tmp_path / "ckpt"
+    model.save_pretrained(path)
+    return path
+
+
+def _edit_config(path, change):
+    config = json.loads((path / CONFIG_FILE).read_text())
+    change(config)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_truncated_weights(saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        LQFModel.from_pretrained(saved)
+
+
+def test_missing_and_misshapen_tensors(saved):
+    tensors = load_file(saved / WEIGHTS_FILE)
+    head = tensors.pop("delta.head.weight")
+    save_file(tensors, saved / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match=r"missing \['delta.head.weight'\]"):
+        LQFModel.from_pretrained(saved)
+    tensors["delta.head.weight"] = head[:, :3].contiguous()
+    save_file(tensors, saved / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match=r"delta.head.weight has shape \[5, 3\], expected \[5, 256\]"):
+        LQFModel.from_pretrained(saved)
+
+
+def test_newer_format_version(saved):
+    _edit_config(saved, lambda c: c.update(format_version=99))
+    with pytest.raises(CheckpointError, match="format 99, newer than this lqf-hub understands"):
+        LQFModel.from_pretrained(saved)
+
+
+def test_unknown_architecture(saved):
+    _edit_config(saved, lambda c: c["config"]["backbone"].update(architecture="resnet9000"))
+    with pytest.raises(CheckpointError, match="cannot build the backbone.*Unknown timm model 'resnet9000'"):
+        LQFModel.from_pretrained(saved)
+
+
+def test_no_config(saved):
+    (saved / CONFIG_FILE).unlink()
+    with pytest.raises(CheckpointError, match="not an lqf-hub checkpoint: config.json is missing"):
+        LQFModel.from_pretrained(saved)
+
+
+def test_failed_save_leaves_the_old_checkpoint_intact(saved, monkeypatch):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    model, _ = build("timm-efficientnet", dtype=torch.float32, seed=5, linearize="last:1")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lqf_hub.hub.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]  # no staging directories left
+
+
+def test_model_card_metadata_and_metrics(tmp_path):
+    model, _ = build("timm-resnet", dtype=torch.float32)
+    model.training_summary = {"dataset": "fashion_mnist", "metrics": {"accuracy": 0.8765, "loss": 12.5},
+                              "train_samples": 1000, "eval_samples": 500}
+    model.save_pretrained(tmp_path / "ckpt")
+    card = ModelCard.load(tmp_path / "ckpt" / "README.md")  # huggingface_hub's own YAML parser
+    assert card.data.library_name == "lqf-hub"
+    assert {"lqf", "linearized", "image-classification"} <= set(card.data.tags)
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": 0.8765, "loss": 12.5}
+    assert card.data.eval_results[0].dataset_name == "fashion_mnist"
+    assert "| accuracy | 0.8765 |" in card.text and "linearized | last:1" in card.text
+    assert "Achille" in card.text and "accelerate launch -m lqf_hub train" in card.text

@@ -1,0 +1,179 @@
+"""The trainer: convexity, the closed-form optimum, multi-process equivalence, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import pretrained_network
+from torch.func import functional_call, jacrev
+
+from lqf_hub import LQFConfig, LQFModel
+from lqf_hub.train import LQFTrainer, TrainingArguments, TrainingDiverged
+
+HERE = Path(__file__).parent
+NUM_CLASSES = 3
+
+
+def toy_images(n: int, seed: int, size: int = 32) -> list[dict]:
+    """Class prototypes plus noise: learnable, deterministic."""
+    prototypes = torch.randn(NUM_CLASSES, 3, size, size, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % NUM_CLASSES
+    images = prototypes[labels] + 0.7 * torch.randn(n, 3, size, size, generator=generator)
+    return [{"pixel_values": images[i], "label": int(labels[i])} for i in range(n)]
+
+
+def toy_model(dtype=torch.float64, **config) -> LQFModel:
+    """The tail is the neck (1x1 conv, BatchNorm) and the head: float64 depthwise convs are slow on CPU."""
+    network, _ = pretrained_network("timm-efficientnet")
+    config = {"linearize": ["conv_head", "bn2"], "ridge": 0.1, **config}
+    return LQFModel.from_timm(network, NUM_CLASSES, LQFConfig(**config)).to(dtype)
+
+
+def deltas(model: LQFModel) -> torch.Tensor:
+    return torch.cat([d.detach().flatten() for d in model.delta.values()])
+
+
+def closed_form(model: LQFModel, data: list[dict]) -> torch.Tensor:
+    """argmin mean_i ½‖f0_i + J_iδ − αy_i‖² + (λ/2)‖δ‖² by brute force, in the dual: Jᵀ(JJᵀ + NλI)⁻¹(αY − f0)."""
+    x = torch.stack([d["pixel_values"] for d in data]).to(torch.float64)
+    y = torch.tensor([d["label"] for d in data])
+    z = model.encode_trunk(x)
+    w0 = model.linearization_point
+    call = model.tail_function(z)
+    jac = jacrev(lambda p: call(p))(dict(w0))  # name -> [N, C, *shape]
+    n = len(data)
+    j = torch.cat([jac[name].reshape(n * NUM_CLASSES, -1) for name in model.linearized_parameters], dim=1)
+    residual = (model.config.target_scale * torch.nn.functional.one_hot(y, NUM_CLASSES) - model.base_forward(x)).flatten()
+    return j.T @ torch.linalg.solve(j @ j.T + n * model.config.ridge * torch.eye(len(residual)), residual)
+
+
+def train(model, data, tmp_path, name="run", eval_data=None, **args) -> list[dict]:
+    args = {"epochs": 30, "batch_size": len(data), "progress": False, "output_dir": str(tmp_path / name),
+            "save_every": 1000, **args}
+    return LQFTrainer(model, data, eval_data, TrainingArguments(**args)).train()
+
+
+def test_trained_delta_is_the_closed_form_optimum(tmp_path):
+    data = toy_images(24, seed=1)
+    model = toy_model()
+    train(model, data, tmp_path, epochs=150, lr_schedule="constant")
+    expected = closed_form(model, data)
+    error = (deltas(model) - expected).norm() / expected.norm()
+    assert error < 1e-3, error
+
+
+def test_different_data_orders_reach_the_same_optimum(tmp_path):
+    data = toy_images(32, seed=2)
+    first, second = toy_model(), toy_model()
+    train(first, data, tmp_path, "a", batch_size=16, epochs=150, seed=1)
+    train(second, data, tmp_path, "b", batch_size=16, epochs=150, seed=2)
+    a, b = deltas(first), deltas(second)
+    assert (a - b).norm() / a.norm() < 1e-3, (a - b).norm() / a.norm()
+
+
+def test_preconditioning_converges_faster_than_plain_sgd(tmp_path):
+    data = toy_images(24, seed=1)
+    optimum = closed_form(toy_model(ridge=1e-2), data)
+    errors = {}
+    for preconditioner in ("kfac", "none"):  # both with the step size from their own curvature
+        model = toy_model(ridge=1e-2)
+        train(model, data, tmp_path, preconditioner, epochs=100, preconditioner=preconditioner, lr_schedule="constant")
+        errors[preconditioner] = float((deltas(model) - optimum).norm() / optimum.norm())
+    assert errors["kfac"] * 5 < errors["none"], errors
+
+
+def test_outputs_metrics_curves_and_checkpoints(tmp_path):
+    history = train(toy_model(torch.float32), toy_images(12, 4), tmp_path, epochs=3, eval_data=toy_images(9, 5),
+                    save_every=1)
+    out = tmp_path / "run"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and lines == history
+    assert 0 <= history[-1]["eval_accuracy"] <= 1 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-2", "epoch-3"]
+
+
+def test_kill_and_resume_gives_the_same_result(tmp_path, monkeypatch):
+    data = toy_images(16, seed=6)
+    uninterrupted = toy_model()
+    train(uninterrupted, data, tmp_path, "full", batch_size=4, epochs=4, save_every=1)
+
+    original = LQFTrainer._checkpoint
+
+    def checkpoint_then_die(self, epoch, fingerprint):
+        original(self, epoch, fingerprint)
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(LQFTrainer, "_checkpoint", checkpoint_then_die)
+    interrupted = toy_model()
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, data, tmp_path, "split", batch_size=4, epochs=4, save_every=1)
+    monkeypatch.setattr(LQFTrainer, "_checkpoint", original)
+    resumed = toy_model()
+    history = train(resumed, data, tmp_path, "split", batch_size=4, epochs=4, save_every=1,
+                    resume_from=str(tmp_path / "split" / "checkpoints" / "epoch-2"))
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    torch.testing.assert_close(deltas(resumed), deltas(uninterrupted), rtol=1e-12, atol=1e-14)
+
+
+def test_two_processes_match_one(tmp_path):
+    script = HERE / "multiprocess_train.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    single = tmp_path / "single.pt"
+    subprocess.run([sys.executable, str(script), str(single), str(tmp_path / "s")], check=True, env=env, timeout=300)
+    double = tmp_path / "double.pt"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    subprocess.run([*launch, str(script), str(double), str(tmp_path / "d")], check=True, env=env, timeout=300)
+    one, two = torch.load(single), torch.load(double)
+    assert two["processes"] == 2 and one["processes"] == 1
+    torch.testing.assert_close(two["delta"], one["delta"], rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_empty_dataset():
+    with pytest.raises(ValueError, match="`train_dataset` is empty"):
+        LQFTrainer(toy_model(), [], None, TrainingArguments(progress=False))
+
+
+def test_labels_outside_num_classes(tmp_path):
+    data = toy_images(6, 7) + [{"pixel_values": torch.zeros(3, 32, 32), "label": 5}]
+    with pytest.raises(ValueError, match="label 5, outside 0..2; the model has num_classes=3"):
+        train(toy_model(), data, tmp_path)
+
+
+def test_mismatched_image_sizes(tmp_path):
+    data = toy_images(4, 8) + toy_images(4, 9, size=40)
+    with pytest.raises(ValueError, match="different sizes"):
+        train(toy_model(), data, tmp_path, batch_size=8)
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    data = toy_images(8, 10)
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1.*Lower --learning-rate"):
+        train(toy_model(), data, tmp_path, batch_size=4, learning_rate=1e6, momentum=0.0)
+
+
+def test_resume_with_another_config_is_refused_and_writes_nothing(tmp_path):
+    data = toy_images(8, 11)
+    train(toy_model(), data, tmp_path, "run", epochs=1)
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch-1"
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    with pytest.raises(ValueError, match="another model config"):
+        train(toy_model(ridge=0.5), data, tmp_path, "run", epochs=2, resume_from=str(checkpoint))
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
+        TrainingArguments(batch_size=0)
+    with pytest.raises(ValueError, match="`preconditioner` must be 'kfac' or 'none'"):
+        TrainingArguments(preconditioner="shampoo")
+    with pytest.raises(ValueError, match="'mse' is not|is not a valid Loss"):
+        TrainingArguments(loss="hinge")
