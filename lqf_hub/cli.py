@@ -1,0 +1,407 @@
+"""``lqf-hub``: train, eval, predict, push, info, convert.
+
+``lqf-hub train`` with no arguments fine-tunes the embedded ImageNet EfficientNet-Lite0 on a Fashion-MNIST
+subset, offline, in a few minutes on a laptop CPU. Under ``accelerate launch -m lqf_hub train ...`` it
+runs on every process; only the main one prints and writes. Errors are one line (``--debug`` for the
+traceback) and nothing is written before the inputs have been checked.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+OUTPUT_MARKER = ".lqf-output"
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line."""
+
+
+# --------------------------------------------------------------------------------------- parsing
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lqf-hub", description="Linear Quadratic Fine-Tuning for vision models.")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks instead of one-line errors.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="Fine-tune with LQF (offline default: EfficientNet-Lite0 on Fashion-MNIST).")
+    _model_arguments(train, DEFAULT_MODEL, "Base model: a timm name, a Hugging Face repo id, or an LQF checkpoint "
+                     "to train further.")
+    _data_arguments(train)
+    train.add_argument("--train-split", default="train", help="Split to train on. Default: train.")
+    train.add_argument("--shots", type=int, default=100, help="Training images per class (0: all). Default: 100.")
+    train.add_argument("--eval-split", default="test", help="Split to evaluate on. Default: test.")
+    train.add_argument("--eval-per-class", type=int, default=200,
+                       help="Evaluation images per class, a stratified subset for speed (0: the whole split). Default: 200.")
+    train.add_argument("--image-size", type=int, default=128,
+                       help="Input resolution (0: the model's own). Default: 128, sized for CPUs.")
+    group = train.add_argument_group("LQF (see LQFConfig)")
+    group.add_argument("--linearize", default=None, help="'head', 'last:N', 'all' or comma-separated module prefixes.")
+    group.add_argument("--activation", default=None, choices=["tangent", "leaky", "none"], help="ReLU treatment.")
+    group.add_argument("--leaky-slope", type=float, default=None, help="Negative slope of the leaky derivative.")
+    group.add_argument("--target-scale", type=float, default=None, help="alpha of the targets alpha*one_hot(y).")
+    group.add_argument("--ridge", type=float, default=None, help="lambda of (lambda/2)||w - w0||^2.")
+    group.add_argument("--head-init", default=None, choices=["random", "zeros", "pretrained"], help="Head at w0.")
+    group = train.add_argument_group("optimisation (see TrainingArguments)")
+    group.add_argument("--epochs", type=int, default=10, help="Passes over the training set. Default: 10.")
+    group.add_argument("--batch-size", type=int, default=32, help="Global batch size. Default: 32.")
+    group.add_argument("--learning-rate", type=float, default=None, help="Default: from the exact curvature.")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum. Default: 0.9.")
+    group.add_argument("--damping", type=float, default=1e-3, help="K-FAC damping (relative). Default: 1e-3.")
+    group.add_argument("--preconditioner", default="kfac", choices=["kfac", "none"], help="Default: kfac.")
+    group.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"], help="Default: mse (LQF).")
+    group.add_argument("--augment", action="store_true", help="Random-crop/flip augmentation (disables trunk caching).")
+    group.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="Default: no.")
+    group.add_argument("--seed", type=int, default=0, help="Seed of sampling, head and data order. Default: 0.")
+    group.add_argument("--report-to", default=None, help="Accelerate trackers, e.g. tensorboard or all.")
+    train.add_argument("--output-dir", default="lqf-output", help="Where results go. Default: ./lqf-output")
+    train.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
+    train.add_argument("--resume-from", default=None, help="A checkpoint under OUTPUT_DIR/checkpoints to continue from.")
+    train.add_argument("--no-probe", action="store_true", help="Skip the linear-probe comparison.")
+    train.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also push the trained model.")
+
+    evaluate = commands.add_parser("eval", help="Accuracy of an LQF checkpoint on a dataset split.")
+    _model_arguments(evaluate, None, "LQF checkpoint: directory (e.g. lqf-output) or Hub repo id.")
+    _data_arguments(evaluate)
+    evaluate.add_argument("--split", default="test", help="Default: test.")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="Default: 64.")
+    evaluate.add_argument("--format", default="table", choices=["table", "json"], help="Default: table.")
+
+    predict = commands.add_parser("predict", help="Classify image files or folders.")
+    _model_arguments(predict, None, "LQF checkpoint, or a timm name / HF repo id (its own ImageNet classes).")
+    predict.add_argument("images", nargs="+", help="Image files or folders of images.")
+    predict.add_argument("--top-k", type=int, default=3, help="Classes per image. Default: 3.")
+    predict.add_argument("--format", default="table", choices=["table", "json"], help="Default: table.")
+
+    push = commands.add_parser("push", help="Upload an LQF checkpoint to the Hugging Face Hub.")
+    _model_arguments(push, "lqf-output", "Checkpoint directory. Default: lqf-output")
+    push.add_argument("repo_id", help="Target repo, e.g. user/my-lqf-model.")
+    push.add_argument("--private", action="store_true", help="Create the repo private.")
+    push.add_argument("--base", default="full", choices=["full", "reference"],
+                      help="full: with the linearization point; reference: delta only + the base's id and hash.")
+    push.add_argument("--commit-message", default="Upload LQF model")
+
+    info = commands.add_parser("info", help="Show a checkpoint's config and sizes; check its base.")
+    _model_arguments(info, "lqf-output", "Checkpoint directory or Hub repo id. Default: lqf-output")
+    info.add_argument("--base", default=None, help="A timm name or HF repo id: does the checkpoint's w0 match it?")
+
+    convert = commands.add_parser("convert", help="Legacy EfficientNet-Lite .pth -> timm safetensors.")
+    convert.add_argument("--architecture", default="tf_efficientnet_lite0",
+                         choices=["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+    convert.add_argument("--input", default=None, help="The .pth (default: the one shipped on PyPI).")
+    convert.add_argument("--output", required=True, help="The .safetensors file to write.")
+    return parser
+
+
+def _model_arguments(parser, default: str | None, help_text: str) -> None:
+    parser.add_argument("--model", default=default, required=default is None, help=help_text)
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
+    parser.add_argument("--token", default=None, help="Hub token (private repos).")
+
+
+def _data_arguments(parser) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist",
+                        help="fashion-mnist, mnist-5k, an imagefolder or save_to_disk directory, or a Hub dataset id.")
+    parser.add_argument("--image-column", default=None, help="Image column (default: detected).")
+    parser.add_argument("--label-column", default=None, help="Label column (default: detected).")
+
+
+# -------------------------------------------------------------------------------------- commands
+def run_train(args) -> dict[str, Any]:
+    import torch
+    from accelerate import PartialState
+
+    from .baselines import linear_probe
+    from .data import class_names, load_image_dataset, sample_shots, with_transform
+    from .train import LQFTrainer, TrainingArguments
+
+    state = PartialState()
+    output = Path(args.output_dir)
+    _check_output_dir(output, args.overwrite, args.resume_from)
+    train_data = load_image_dataset(args.dataset, args.train_split, image_column=args.image_column,
+                                    label_column=args.label_column)
+    eval_data = load_image_dataset(args.dataset, args.eval_split, image_column=args.image_column,
+                                   label_column=args.label_column)
+    names = class_names(train_data)
+    if args.shots:
+        train_data = sample_shots(train_data, args.shots, seed=args.seed)
+    if args.eval_per_class:
+        eval_data = _at_most_per_class(eval_data, args.eval_per_class, args.seed)
+    model = _build_model(args, len(names), {i: n for i, n in enumerate(names)})
+    size = args.image_size or None
+    training = TrainingArguments(
+        output_dir=str(output), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        momentum=args.momentum, damping=args.damping, preconditioner=args.preconditioner, loss=args.loss,
+        cache_trunk=not args.augment, mixed_precision=args.mixed_precision, seed=args.seed,
+        report_to=args.report_to, resume_from=args.resume_from, eval_every=args.epochs,
+    )
+    trainer = LQFTrainer(model, with_transform(train_data, model.data_config, size, args.augment),
+                         with_transform(eval_data, model.data_config, size), training)
+    if state.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / OUTPUT_MARKER).write_text("written by lqf-hub train\n")
+    history = trainer.train()
+    final = history[-1]
+    result = {"model": args.model, "dataset": args.dataset, "train_samples": len(train_data),
+              "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
+              "epochs": len(history), "learning_rate": final["learning_rate"]}
+    if not args.no_probe and training.cache_trunk:
+        features = [_features(model, data) for data in (trainer.train_data, trainer.eval_data)]
+        head = linear_probe(*features[0], len(names))
+        with torch.no_grad():
+            result["probe_accuracy"] = float((head(features[1][0]).argmax(-1) == features[1][1]).float().mean())
+    model.training_summary = {
+        "dataset": args.dataset, "eval_split": args.eval_split, "train_samples": len(train_data),
+        "eval_samples": len(eval_data), "metrics": {"accuracy": final["eval_accuracy"]},
+        "name": f"LQF {model.config.backbone.get('architecture') or args.model} on {args.dataset}",
+    }
+    if state.is_main_process:
+        model.save_pretrained(output / "model")
+        (output / "metrics.json").write_text(json.dumps(result, indent=2))
+        if args.push_to_hub:
+            result["pushed"] = model.push_to_hub(args.push_to_hub, token=args.token)
+    state.wait_for_everyone()
+    return result
+
+
+def _features(model, data) -> tuple:
+    """Pre-logit features of cached trunk outputs (for the linear probe)."""
+    import torch
+
+    values, labels = [], []
+    for start in range(0, len(data), 256):
+        batch = [data[i] for i in range(start, min(start + 256, len(data)))]
+        z = torch.stack([b[0] for b in batch]).to(model.net.head.weight.device)
+        values.append(model.features(trunk_output=z).cpu())
+        labels.append(torch.stack([torch.as_tensor(b[1]) for b in batch]))
+    return torch.cat(values), torch.cat(labels)
+
+
+def _at_most_per_class(dataset, count: int, seed: int):
+    import numpy as np
+
+    labels = np.asarray(dataset["label"])
+    rng = np.random.default_rng(10_000 + seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:count] for c in np.unique(labels)]
+    return dataset.select(np.sort(np.concatenate(keep)))
+
+
+def _build_model(args, num_classes: int, id2label: dict[int, str]):
+    from .config import LQFConfig
+    from .model import LQFModel
+
+    overrides = {k: getattr(args, k) for k in ("linearize", "activation", "leaky_slope", "target_scale", "ridge", "head_init")
+                 if getattr(args, k) is not None}
+    if isinstance(overrides.get("linearize"), str) and "," in overrides["linearize"]:
+        overrides["linearize"] = [p.strip() for p in overrides["linearize"].split(",") if p.strip()]
+    checkpoint = _checkpoint_source(args.model)
+    if checkpoint is not None:  # continue from an LQF checkpoint: its config, δ and head
+        if overrides:
+            raise CLIError(f"--model {args.model} is an LQF checkpoint; its settings cannot be changed ({', '.join(overrides)}).")
+        model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
+        if model.num_classes != num_classes:
+            raise CLIError(f"{args.model} has {model.num_classes} classes but {args.dataset} has {num_classes}.")
+        return model
+    config = LQFConfig(**overrides, id2label=id2label)
+    if "/" in args.model:
+        return LQFModel.from_transformers(args.model, num_classes, config, revision=args.revision, token=args.token)
+    return LQFModel.from_timm(args.model, num_classes, config)
+
+
+def _checkpoint_source(model: str) -> str | None:
+    """``model`` as an LQF checkpoint (directory, ``OUTPUT/model``, or Hub repo with an lqf config), else None."""
+    path = Path(model)
+    for candidate in (path, path / "model"):
+        if (candidate / "config.json").is_file():
+            config = json.loads((candidate / "config.json").read_text())
+            return str(candidate) if config.get("library") == "lqf-hub" else None
+    if path.exists():
+        raise CLIError(f"{model} is neither an LQF checkpoint directory nor a model name.")
+    if "/" in model:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            config = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+        except Exception:  # not reachable or no config: let the loaders give the real error
+            return None
+        return model if config.get("library") == "lqf-hub" else None
+    return None
+
+
+def _check_output_dir(output: Path, overwrite: bool, resume_from: str | None) -> None:
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output-dir {output} is a file.")
+    if output.is_dir() and any(output.iterdir()) and not (output / OUTPUT_MARKER).exists() and not overwrite:
+        raise CLIError(f"--output-dir {output} exists and was not written by lqf-hub; choose another or pass --overwrite.")
+    if resume_from and not Path(resume_from).is_dir():
+        raise CLIError(f"--resume-from {resume_from} does not exist.")
+
+
+def run_eval(args) -> dict[str, Any]:
+    from .data import class_names, load_image_dataset, with_transform
+    from .model import LQFModel
+    from .train import LQFTrainer, TrainingArguments
+
+    checkpoint = _checkpoint_source(args.model) or args.model
+    model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
+    data = load_image_dataset(args.dataset, args.split, image_column=args.image_column, label_column=args.label_column)
+    if len(class_names(data)) != model.num_classes:
+        raise CLIError(f"{args.dataset} has {len(class_names(data))} classes but the model has {model.num_classes}.")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = LQFTrainer(model, data, None, TrainingArguments(output_dir=tmp, eval_batch_size=args.batch_size,
+                                                                    cache_trunk=False, progress=False))
+        metrics = trainer.evaluate(with_transform(data, model.data_config))
+    return {"model": args.model, "dataset": args.dataset, "split": args.split, "samples": len(data), **metrics}
+
+
+def run_predict(args) -> tuple[list[dict[str, Any]], list[str]]:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .config import LQFConfig
+    from .data import image_transform
+    from .model import LQFModel
+
+    checkpoint = _checkpoint_source(args.model)
+    if checkpoint is not None:
+        model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
+    else:  # a base model with its own classifier (e.g. the ImageNet classes)
+        config = LQFConfig(linearize="head", head_init="pretrained")
+        model = (LQFModel.from_transformers(args.model, config=config, revision=args.revision, token=args.token)
+                 if "/" in args.model else LQFModel.from_timm(args.model, config=config))
+    transform = image_transform(model.data_config)
+    rows, errors = [], []
+    for path in _image_files(args.images):
+        try:
+            with Image.open(path) as image:
+                pixels = transform(image.convert("RGB")).unsqueeze(0)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            errors.append(f"cannot read {path}: {err}")
+            continue
+        with torch.no_grad():
+            probs = model(pixels).softmax(-1)[0]
+        top = probs.topk(min(args.top_k, model.num_classes))
+        rows.append({"image": str(path), "predictions": [
+            {"label": model.config.id2label[int(i)], "score": round(float(p), 4)} for p, i in zip(top.values, top.indices)]})
+    return rows, errors
+
+
+def _image_files(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CLIError(f"{item} does not exist.")
+    return files
+
+
+def run_push(args) -> dict[str, Any]:
+    from .model import LQFModel
+
+    checkpoint = _checkpoint_source(args.model)
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        raise CLIError(f"{args.model} is not a local LQF checkpoint directory.")
+    model = LQFModel.from_pretrained(checkpoint)
+    url = model.push_to_hub(args.repo_id, base=args.base, private=args.private or None, token=args.token,
+                            commit_message=args.commit_message)
+    return {"repo_id": args.repo_id, "commit": str(url)}
+
+
+def run_info(args) -> dict[str, Any]:
+    from .hub import WEIGHTS_FILE, backbone_sha256, read_config, resolve_files
+
+    source = _checkpoint_source(args.model) or args.model
+    config_file, weights_file = resolve_files(source, revision=args.revision, token=args.token)
+    saved, config = read_config(config_file)
+    info = {
+        "checkpoint": str(source), "base": saved["base"], "backbone": config.backbone.get("architecture")
+        or config.backbone.get("config", {}).get("model_type"), "linearize": config.linearize,
+        "activation": config.activation, "num_classes": config.num_classes, "dtype": saved["dtype"],
+        "base_sha256": saved["base_sha256"], "file_bytes": {WEIGHTS_FILE: weights_file.stat().st_size},
+        "training": saved.get("training") or {},
+    }
+    if args.base:
+        from .adapters.timm import timm_backbone
+        from .adapters.transformers import transformers_backbone
+
+        base = transformers_backbone(args.base, token=args.token) if "/" in args.base else timm_backbone(args.base)
+        found = backbone_sha256(base.network.state_dict())
+        info["base_matches"] = found == saved["base_sha256"]
+        info["given_base_sha256"] = found
+    return info
+
+
+def run_convert(args) -> dict[str, Any]:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from .adapters.efficientnet_lite import convert_legacy_state_dict, embedded_checkpoint
+
+    source = args.input or embedded_checkpoint(args.architecture)
+    if source is None or not Path(source).is_file():
+        raise CLIError(f"No legacy checkpoint found for {args.architecture}; pass --input FILE.pth.")
+    output = Path(args.output)
+    if output.exists():
+        raise CLIError(f"{output} exists; remove it or choose another --output.")
+    legacy = torch.load(source, map_location="cpu", weights_only=True)
+    model = timm.create_model(args.architecture, pretrained=False)
+    state = {k: v.contiguous() for k, v in convert_legacy_state_dict(legacy, model).items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    save_file(state, partial, metadata={"format": "pt", "architecture": args.architecture})
+    partial.replace(output)
+    return {"input": str(source), "output": str(output), "tensors": len(state)}
+
+
+# ------------------------------------------------------------------------------------------ main
+def _print_table(record: dict[str, Any]) -> None:
+    width = max(len(k) for k in record)
+    for key, value in record.items():
+        value = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"lqf-hub {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from accelerate import PartialState
+
+    if args.command == "predict":
+        rows, errors = run_predict(args)
+        if args.format == "json":
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                labels = ", ".join(f"{p['label']} ({p['score']:.2f})" for p in row["predictions"])
+                print(f"{row['image']}: {labels}")
+        for error in errors:
+            print(f"lqf-hub predict: error: {error}", file=sys.stderr)
+        return 1 if errors else 0
+    result = {"train": run_train, "eval": run_eval, "push": run_push, "info": run_info, "convert": run_convert}[args.command](args)
+    if PartialState().is_main_process:
+        if getattr(args, "format", "table") == "json" or args.command == "info":
+            print(json.dumps(result, indent=2))
+        else:
+            _print_table(result)
+    return 0
