@@ -57,14 +57,15 @@ def _grid(specs: list[str]) -> list[dict]:
 def run_lqf(settings: dict, train, test, num_classes: int, args) -> dict:
     config = LQFConfig(**{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
     model = LQFModel.from_timm(args.backbone, num_classes, config)
+    model.set_image_size(args.image_size)
     with tempfile.TemporaryDirectory() as out:
         training = TrainingArguments(
             output_dir=out, epochs=args.epochs, batch_size=args.batch_size, progress=False, eval_every=args.epochs,
             save_every=args.epochs,
             **{k: v for k, v in settings.items() if k in TRAINING_FIELDS},
         )
-        trainer = LQFTrainer(model, with_transform(train, model.data_config, args.image_size),
-                             with_transform(test, model.data_config, args.image_size), training)
+        trainer = LQFTrainer(model, with_transform(train, model.data_config),
+                             with_transform(test, model.data_config), training)
         started = time.perf_counter()
         try:
             history = trainer.train()
@@ -82,7 +83,8 @@ def run_probe(trainer: LQFTrainer | None, train, test, num_classes: int, args) -
     started = time.perf_counter()
     if trainer is None:
         model = LQFModel.from_timm(args.backbone, num_classes, LQFConfig(linearize="head"))
-        splits = [with_transform(d, model.data_config, args.image_size) for d in (train, test)]
+        model.set_image_size(args.image_size)
+        splits = [with_transform(d, model.data_config) for d in (train, test)]
         feats = [_stack(lambda batch: model.features(pixel_values=batch), s) for s in splits]
     else:
         model = trainer.model
@@ -109,13 +111,13 @@ def run_ft(train, test, num_classes: int, args) -> dict:
     from lqf_hub.adapters.timm import timm_backbone
 
     backbone = timm_backbone(args.backbone)
-    transform = backbone.data_config
+    transform = {**backbone.data_config, "input_size": [3, args.image_size, args.image_size]}
     started = time.perf_counter()
     model = fine_tune(
-        backbone.network, backbone.num_features, num_classes, with_transform(train, transform, args.image_size),
+        backbone.network, backbone.num_features, num_classes, with_transform(train, transform),
         epochs=args.ft_epochs, learning_rate=args.ft_lr, batch_size=args.ft_batch_size, progress=False,
     )
-    acc = accuracy(model, with_transform(test, transform, args.image_size))
+    acc = accuracy(model, with_transform(test, transform))
     return {"accuracy": acc, "seconds": time.perf_counter() - started}
 
 
@@ -137,33 +139,34 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="append results (JSON lines) to this file")
     args = parser.parse_args(argv)
 
+    common = {"image_size": args.image_size, "test_per_class": args.test_per_class, "seed": args.seed,
+              "epochs": args.epochs, "batch_size": args.batch_size, "backbone": args.backbone}
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({**row, **common}) + "\n")
+
+    rows: list[dict] = []
     test_full = load_image_dataset(args.dataset, "test")
     test = sample_shots(test_full, args.test_per_class, seed=1000 + args.seed)
     train_full = load_image_dataset(args.dataset, "train")
     num_classes = len(train_full.features["label"].names)
-    rows = []
     for shots in args.shots:
         train = sample_shots(train_full, shots, seed=args.seed)
         trainer = None
         for settings in _grid(args.grid) if "lqf" in args.methods else []:
             result = run_lqf(settings, train, test, num_classes, args)
             trainer = result.pop("trainer", trainer)
-            rows.append({"dataset": args.dataset, "shots": shots, "method": "lqf", "settings": settings, **result})
-            print(json.dumps(rows[-1]), flush=True)
+            record({"dataset": args.dataset, "shots": shots, "method": "lqf", "settings": settings, **result})
         if "probe" in args.methods:
-            rows.append({"dataset": args.dataset, "shots": shots, "method": "probe", "settings": {},
-                         **run_probe(trainer, train, test, num_classes, args)})
-            print(json.dumps(rows[-1]), flush=True)
+            record({"dataset": args.dataset, "shots": shots, "method": "probe", "settings": {},
+                    **run_probe(trainer, train, test, num_classes, args)})
         if "ft" in args.methods:
-            rows.append({"dataset": args.dataset, "shots": shots, "method": "ft",
-                         "settings": {"lr": args.ft_lr, "epochs": args.ft_epochs}, **run_ft(train, test, num_classes, args)})
-            print(json.dumps(rows[-1]), flush=True)
-    common = {"image_size": args.image_size, "test_per_class": args.test_per_class, "seed": args.seed,
-              "epochs": args.epochs, "backbone": args.backbone}
-    if args.out:
-        with open(args.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**row, **common}) + "\n")
+            record({"dataset": args.dataset, "shots": shots, "method": "ft",
+                    "settings": {"lr": args.ft_lr, "epochs": args.ft_epochs}, **run_ft(train, test, num_classes, args)})
     print("\n| dataset | shots | method | settings | test acc (%) | seconds |\n|---|---:|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['dataset']} | {r['shots']} | {r['method']} | {json.dumps(r['settings'])} | "

@@ -131,15 +131,16 @@ def run_train(args) -> dict[str, Any]:
     if args.eval_per_class:
         eval_data = _at_most_per_class(eval_data, args.eval_per_class, args.seed)
     model = _build_model(args, len(names), {i: n for i, n in enumerate(names)})
-    size = args.image_size or None
+    if args.image_size:
+        model.set_image_size(args.image_size)
     training = TrainingArguments(
         output_dir=str(output), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         momentum=args.momentum, damping=args.damping, preconditioner=args.preconditioner, loss=args.loss,
         cache_trunk=not args.augment, mixed_precision=args.mixed_precision, seed=args.seed,
         report_to=args.report_to, resume_from=args.resume_from, eval_every=args.epochs,
     )
-    trainer = LQFTrainer(model, with_transform(train_data, model.data_config, size, args.augment),
-                         with_transform(eval_data, model.data_config, size), training)
+    trainer = LQFTrainer(model, with_transform(train_data, model.data_config, augment=args.augment),
+                         with_transform(eval_data, model.data_config), training)
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / OUTPUT_MARKER).write_text("written by lqf-hub train\n")

@@ -66,7 +66,7 @@ def largest_eigenvalue(
 
 
 def _dot(a: Vector, b: Vector) -> float:
-    return float(sum((a[n].double() * b[n].double()).sum() for n in a))
+    return float(sum(torch.dot(a[n].flatten(), b[n].flatten()) for n in a))
 
 
 def _norm(a: Vector) -> float:

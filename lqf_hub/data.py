@@ -45,7 +45,7 @@ def load_image_dataset(
     else:
         try:
             dataset = datasets.load_dataset(source, split=split, **hub_kwargs)
-        except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError, ConnectionError, OSError) as err:
+        except Exception as err:  # not found, offline, gated, no such split: all mean "cannot use this source"
             raise ValueError(
                 f"Dataset {source!r} not found: it is neither a built-in ({', '.join(BUILTIN)}), nor a local "
                 f"directory, nor a reachable Hub dataset ({type(err).__name__}: {err})."
@@ -90,20 +90,15 @@ def split_validation(dataset: datasets.Dataset, fraction: float, seed: int = 0) 
     return dataset.select(keep), dataset.select(held)
 
 
-def image_transform(data_config: dict[str, Any], image_size: int | None = None, augment: bool = False):
-    """The backbone's preprocessing (timm): PIL image -> normalised ``[3, H, W]`` tensor."""
-    config = dict(data_config)
-    if image_size is not None:
-        config["input_size"] = [config["input_size"][0], image_size, image_size]
+def image_transform(data_config: dict[str, Any], augment: bool = False):
+    """The backbone's preprocessing (timm ``create_transform``): PIL image -> normalised ``[3, H, W]``."""
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    return create_transform(**{k: config[k] for k in keys if k in config}, is_training=augment)
+    return create_transform(**{k: data_config[k] for k in keys if k in data_config}, is_training=augment)
 
 
-def with_transform(
-    dataset: datasets.Dataset, data_config: dict[str, Any], image_size: int | None = None, augment: bool = False
-) -> datasets.Dataset:
+def with_transform(dataset: datasets.Dataset, data_config: dict[str, Any], augment: bool = False) -> datasets.Dataset:
     """``dataset`` whose items are ``{"pixel_values": Tensor[3, H, W], "label": int}`` (grayscale -> RGB)."""
-    transform = image_transform(data_config, image_size, augment)
+    transform = image_transform(data_config, augment)
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
         pixels = []

@@ -73,6 +73,16 @@ def kronecker_inverse_apply(
     return basis_b @ rotated @ basis_a.transpose(-1, -2)
 
 
+def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition in the matrix's dtype (float64 costs ~3x on CPU), float64 where float32 fails
+    to converge (rank-deficient factors with many repeated zero eigenvalues)."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        eigenvalues, vectors = torch.linalg.eigh(matrix.double())
+        return eigenvalues.to(matrix.dtype), vectors.to(matrix.dtype)
+
+
 def _append_ones(rows: Tensor) -> Tensor:
     return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
 
@@ -236,8 +246,8 @@ class KFAC:
             rows = float(reduce_sum(torch.tensor([block.a_count], dtype=torch.float64)).item())
             a = reduce_sum(block.a_sum) / rows  # mean over samples and locations
             b = reduce_sum(block.b_sum) / n  # sum over locations and outputs, mean over samples
-            eig_a, basis_a = torch.linalg.eigh(a.double())
-            eig_b, basis_b = torch.linalg.eigh(b.double())
+            eig_a, basis_a = _eigh(a)
+            eig_b, basis_b = _eigh(b)
             eig = {"eig_a": eig_a.clamp_min(0), "basis_a": basis_a, "eig_b": eig_b.clamp_min(0), "basis_b": basis_b}
             block.eig = {k: v.to(self.dtype) for k, v in eig.items()}
             block.a_sum = block.b_sum = None

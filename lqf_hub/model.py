@@ -63,7 +63,7 @@ class LQFModel(
         if backbone is None:
             backbone = build_from_spec(config.backbone)
         self.config = config
-        self.data_config: dict[str, Any] = backbone.data_config
+        self.data_config: dict[str, Any] = dict(config.backbone.get("data_config") or backbone.data_config)
         self.training_summary: dict[str, Any] = {}  # dataset and metrics of the run that trained δ (model card)
         self._fixed_input_size = backbone.fixed_input_size
         head = head if head is not None else _new_head(config, backbone)
@@ -252,6 +252,14 @@ class LQFModel(
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
+
+    def set_image_size(self, size: int) -> None:
+        """Train and predict at ``size`` x ``size`` pixels (recorded in checkpoints); not for fixed-size models."""
+        channels, height, width = self.data_config["input_size"]
+        if self._fixed_input_size and (height, width) != (size, size):
+            raise ValueError(f"This backbone needs {height}x{width} inputs; it cannot run at {size}x{size}.")
+        self.data_config["input_size"] = [channels, size, size]
+        self.config.backbone["data_config"] = dict(self.data_config)
 
     def train(self, mode: bool = True) -> "LQFModel":
         """Only δ trains; BatchNorm statistics and dropout of the network stay in eval mode."""

@@ -352,7 +352,7 @@ class LQFTrainer:
                     kfac.precondition(product, power=0.5)
                 return product
 
-            largest = max(largest, largest_eigenvalue(operator, model.linearized_parameters, 15, self.args.seed))
+            largest = max(largest, largest_eigenvalue(operator, model.linearized_parameters, 10, self.args.seed))
         if not math.isfinite(largest) or largest <= 0:
             raise TrainingDiverged(f"The curvature estimate is {largest}; pass --learning-rate explicitly.")
         return (1.0 - self.args.momentum) / largest

@@ -85,3 +85,6 @@ def family(request) -> str:
 
 def original_copy(network: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(network).eval()
+
+
+from hub_server import fake_hub  # noqa: E402,F401  (a running fake Hugging Face Hub, as a fixture)

@@ -154,3 +154,76 @@ def test_model_card_metadata_and_metrics(tmp_path):
     assert card.data.eval_results[0].dataset_name == "fashion_mnist"
     assert "| accuracy | 0.8765 |" in card.text and "linearized | last:1" in card.text
     assert "Achille" in card.text and "accelerate launch -m lqf_hub train" in card.text
+
+
+# ------------------------------------------------------------------------------ through a Hub server
+def test_push_and_pull_through_the_hub_api_with_revisions(fake_hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    token = fake_hub.users["alice"]
+    model, x = build("timm-resnet", dtype=torch.float32, linearize="last:1")
+    model.push_to_hub("alice/lqf-resnet", token=token)
+    first = {k: d.detach().clone() for k, d in model.delta.items()}
+    expected_first = model(x)
+    with torch.no_grad():
+        for d in model.delta.values():
+            d.add_(0.5)
+    model.push_to_hub("alice/lqf-resnet", token=token, commit_message="second")
+    assert_same_model(model, LQFModel.from_pretrained("alice/lqf-resnet", token=token), x)
+
+    commits = HfApi().list_repo_commits("alice/lqf-resnet", token=token)
+    older = LQFModel.from_pretrained("alice/lqf-resnet", revision=commits[1].commit_id, token=token)
+    assert torch.equal(older(x), expected_first)
+    assert all(torch.equal(d, first[k]) for k, d in older.delta.items())
+    files = {s.rfilename for s in HfApi().model_info("alice/lqf-resnet", token=token).siblings}
+    assert {"config.json", "model.safetensors", "README.md"} <= files
+
+
+def test_private_repo_needs_the_token(fake_hub):
+    token = fake_hub.users["alice"]
+    model, x = build("timm-efficientnet", dtype=torch.float32, linearize="head")
+    model.push_to_hub("alice/secret", token=token, private=True)
+    with pytest.raises(CheckpointError, match="does not exist, or it is private and no valid token was given"):
+        LQFModel.from_pretrained("alice/secret")
+    with pytest.raises(CheckpointError, match="private"):
+        LQFModel.from_pretrained("alice/secret", token=fake_hub.users["bob"])
+    assert_same_model(model, LQFModel.from_pretrained("alice/secret", token=token), x)
+
+
+def test_repo_without_config_and_revision_that_does_not_exist(fake_hub, tmp_path):
+    from huggingface_hub import HfApi
+
+    token = fake_hub.users["alice"]
+    api = HfApi(token=token)
+    api.create_repo("alice/not-lqf")
+    (tmp_path / "notes.txt").write_text("hello")
+    api.upload_file(path_or_fileobj=str(tmp_path / "notes.txt"), path_in_repo="notes.txt", repo_id="alice/not-lqf")
+    with pytest.raises(CheckpointError, match="not an lqf-hub checkpoint: no config.json"):
+        LQFModel.from_pretrained("alice/not-lqf", token=token)
+    with pytest.raises(CheckpointError, match="has no revision 'f{40}'"):
+        LQFModel.from_pretrained("alice/not-lqf", token=token, revision="f" * 40)
+
+
+def test_delta_only_checkpoint_of_a_hub_base(fake_hub, tmp_path):
+    """The base is a transformers model on the Hub; the LQF repo holds δ only and pins the base's commit."""
+    from huggingface_hub import HfApi
+
+    token = fake_hub.users["alice"]
+    base, size = __import__("conftest").pretrained_network("hf-vit")
+    base.push_to_hub("alice/vit-base", token=token)
+    model = LQFModel.from_transformers("alice/vit-base", 4, LQFConfig(linearize="last:1"), token=token)
+    with torch.no_grad():
+        for d in model.delta.values():
+            d.normal_(0, 1e-2)
+    x = torch.randn(2, 3, size, size)
+    model.push_to_hub("alice/lqf-vit", token=token, base="reference")
+    loaded = LQFModel.from_pretrained("alice/lqf-vit", token=token)
+    assert_same_model(model, loaded, x)
+    info = HfApi().model_info("alice/lqf-vit", token=token, files_metadata=True)
+    sizes = {s.rfilename: s.size for s in info.siblings}
+    assert sizes["model.safetensors"] < 0.5 * sum(p.numel() * 4 for p in base.parameters())
+
+    with torch.no_grad():  # the base repo moves on; the checkpoint still loads the commit it was trained on
+        next(base.parameters()).add_(1.0)
+    base.push_to_hub("alice/vit-base", token=token)
+    assert_same_model(model, LQFModel.from_pretrained("alice/lqf-vit", token=token), x)

@@ -5,6 +5,7 @@ pre-logit features: this works for every image-classification head in transforme
 it pools. ViT, ResNet and ConvNeXt also get a stem / blocks / neck split (for caching the frozen part).
 """
 
+import os
 import re
 from typing import Any
 
@@ -31,8 +32,7 @@ def transformers_backbone(
     source = None
     if isinstance(repo_id_or_model, str):
         model = AutoModelForImageClassification.from_pretrained(repo_id_or_model, **from_pretrained_kwargs)
-        revision = getattr(model.config, "_commit_hash", None) or from_pretrained_kwargs.get("revision")
-        source = {"repo_id": repo_id_or_model, "revision": revision, "hub_id": repo_id_or_model}
+        source = _hub_source(repo_id_or_model, from_pretrained_kwargs)
         if data_config is None:
             try:
                 processor = AutoImageProcessor.from_pretrained(repo_id_or_model, **_hub_kwargs(from_pretrained_kwargs))
@@ -58,6 +58,20 @@ def transformers_backbone_from_spec(spec: dict[str, Any]) -> Backbone:
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForImageClassification.from_config(config)
     return _to_backbone(model, spec["data_config"], spec.get("source"))
+
+
+def _hub_source(repo_id: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the weights came from, pinned to a commit, so a delta-only checkpoint can fetch them again."""
+    if os.path.isdir(repo_id):
+        return None  # a local directory is not portable
+    from huggingface_hub import HfApi
+
+    hub = _hub_kwargs(kwargs)
+    try:
+        sha = HfApi().model_info(repo_id, revision=hub.get("revision"), token=hub.get("token")).sha
+    except Exception:  # offline: pin what was asked for
+        sha = hub.get("revision")
+    return {"repo_id": repo_id, "revision": sha, "hub_id": repo_id}
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""The command line: the offline default job (scaled down), predict, push/info, convert, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from lqf_hub import LQFModel
+from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint, load_legacy_checkpoint
+from lqf_hub.cli import main
+
+# The default job, scaled to seconds: same model and pipeline, fewer images, smaller inputs.
+TINY = ["--dataset", "mnist-5k", "--shots", "4", "--eval-per-class", "3", "--image-size", "32", "--epochs", "2",
+        "--batch-size", "8", "--linearize", "bn2"]
+PHOTOS = Path(__import__("skimage").__file__).parent / "data"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("cli") / "lqf-output"
+    assert main(["train", *TINY, "--output-dir", str(output)]) == 0
+    return output
+
+
+def test_train_writes_checkpoint_card_metrics_and_curves(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["train_samples"] == 40 and metrics["eval_samples"] == 30
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 <= metrics["probe_accuracy"] <= 1.0
+    assert (trained / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    model = LQFModel.from_pretrained(trained / "model")
+    assert model.data_config["input_size"] == [3, 32, 32]  # the training resolution is part of the checkpoint
+    assert model.training_summary["metrics"]["accuracy"] == metrics["test_accuracy"]
+    assert "| accuracy |" in (trained / "model" / "README.md").read_text()
+
+
+def test_eval_reproduces_the_training_accuracy(trained, capsys, tmp_path):
+    code, out, _ = run(capsys, "eval", "--model", str(trained), "--dataset", "mnist-5k", "--format", "json")
+    result = json.loads(out)
+    assert code == 0 and result["samples"] == 1000 and 0 <= result["accuracy"] <= 1
+
+
+def test_predict_bundled_photos_with_the_imagenet_model(capsys, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    code, out, err = run(capsys, "predict", "--model", "tf_efficientnet_lite0", "--format", "json",
+                         str(PHOTOS / "chelsea.png"), str(broken), str(PHOTOS / "coffee.png"))
+    rows = {Path(r["image"]).name: r["predictions"][0]["label"] for r in json.loads(out)}
+    assert rows["chelsea.png"] in {"tabby, tabby cat", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat, Siamese"}
+    assert rows["coffee.png"] == "espresso"
+    assert code == 1 and err.count("\n") == 1 and "cannot read" in err and "broken.jpg" in err
+
+
+def test_push_and_info_through_a_hub(trained, fake_hub, capsys):
+    token = fake_hub.users["alice"]
+    code, _, err = run(capsys, "push", "--model", str(trained), "alice/mnist-lqf", "--token", token)
+    assert code == 0, err
+    code, out, _ = run(capsys, "info", "--model", "alice/mnist-lqf", "--token", token, "--base", "tf_efficientnet_lite0")
+    info = json.loads(out)
+    assert code == 0 and info["base_matches"] is True and info["num_classes"] == 10 and info["linearize"] == ["bn2"]
+    code, out, _ = run(capsys, "info", "--model", str(trained), "--base", "tf_efficientnet_lite1")
+    assert json.loads(out)["base_matches"] is False
+
+
+def test_convert_legacy_checkpoint(tmp_path, capsys):
+    output = tmp_path / "lite0.safetensors"
+    code, _, err = run(capsys, "convert", "--architecture", "tf_efficientnet_lite0", "--output", str(output))
+    assert code == 0, err
+    converted = timm.create_model("tf_efficientnet_lite0", pretrained=False, checkpoint_path=str(output))
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    load_legacy_checkpoint(embedded_checkpoint("tf_efficientnet_lite0"), reference)
+    for (name, a), b in zip(converted.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(load_file(output)) == len(reference.state_dict())
+    code, _, err = run(capsys, "convert", "--output", str(output))  # never overwrites
+    assert code == 2 and "exists" in err
+
+
+def _save_dataset_without_labels(path: Path) -> None:
+    import datasets
+    import numpy as np
+
+    datasets.Dataset.from_dict({"picture": [np.zeros((8, 8), np.uint8)] * 4, "note": ["a"] * 4}).save_to_disk(str(path))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "no/such-dataset-anywhere"], "Dataset 'no/such-dataset-anywhere' not found"),
+        (["--dataset", "{nolabels}"], "has no label column (columns: picture, note); name it with --label-column"),
+        (["--shots", "7000", "--dataset", "mnist-5k"], "shots=7000 but class '0' has only"),
+        (["--model", "efficientnet_lite7"], "Unknown timm model 'efficientnet_lite7'"),
+        (["--output-dir", "{foreign}"], "exists and was not written by lqf-hub; choose another or pass --overwrite"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, capsys, tmp_path, fake_hub):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    _save_dataset_without_labels(tmp_path / "nolabels")
+    capsys.readouterr()
+    argv = [a.format(foreign=foreign, nolabels=tmp_path / "nolabels") for a in argv]
+    output = ["--output-dir", str(tmp_path / "out")] if "--output-dir" not in argv else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run(capsys, "train", *TINY, *output, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError, match="Unknown timm model"):
+        main(["--debug", "train", "--model", "efficientnet_lite7"])
+
+
+def test_two_processes_match_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["train", *TINY, "--no-probe"]
+    subprocess.run([sys.executable, "-m", "lqf_hub", *common, "--output-dir", str(tmp_path / "one")],
+                   check=True, env=env, timeout=600, capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29519"]
+    subprocess.run([*launch, "-m", "lqf_hub", *common, "--output-dir", str(tmp_path / "two")],
+                   check=True, env=env, timeout=600, capture_output=True)
+    one, two = (LQFModel.from_pretrained(tmp_path / d / "model") for d in ("one", "two"))
+    for name, delta in one.linearized_parameters.items():
+        torch.testing.assert_close(two.linearized_parameters[name], delta, rtol=1e-4, atol=1e-6)
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m1["test_accuracy"] == m2["test_accuracy"]
