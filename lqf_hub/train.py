@@ -375,7 +375,7 @@ class LQFTrainer:
         acc.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
         tqdm.write(f"epoch {record['epoch']}: {summary}")
 
     def _checkpoint(self, epoch: int, fingerprint: str) -> None:
