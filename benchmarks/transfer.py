@@ -84,27 +84,13 @@ def run_probe(trainer: LQFTrainer | None, train, test, num_classes: int, args) -
     if trainer is None:
         model = LQFModel.from_timm(args.backbone, num_classes, LQFConfig(linearize="head"))
         model.set_image_size(args.image_size)
-        splits = [with_transform(d, model.data_config) for d in (train, test)]
-        feats = [_stack(lambda batch: model.features(pixel_values=batch), s) for s in splits]
-    else:
-        model = trainer.model
-        feats = [_stack(lambda batch: model.features(trunk_output=batch), d) for d in (trainer.train_data, trainer.eval_data)]
-    (x_train, y_train), (x_test, y_test) = feats
+        trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
+                             TrainingArguments(output_dir=tempfile.mkdtemp(), progress=False))
+    (x_train, y_train), (x_test, y_test) = trainer.features("train"), trainer.features("eval")
     head = linear_probe(x_train, y_train, num_classes)
     with torch.no_grad():
         acc = float((head(x_test).argmax(-1) == y_test).float().mean())
     return {"accuracy": acc, "seconds": time.perf_counter() - started}
-
-
-def _stack(encode, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    from lqf_hub.data import collate
-
-    values, labels = [], []
-    for start in range(0, len(dataset), 256):
-        x, y = collate([dataset[i] for i in range(start, min(start + 256, len(dataset)))])
-        values.append(encode(x))
-        labels.append(y)
-    return torch.cat(values), torch.cat(labels)
 
 
 def run_ft(train, test, num_classes: int, args) -> dict:

@@ -149,11 +149,11 @@ def run_train(args) -> dict[str, Any]:
     result = {"model": args.model, "dataset": args.dataset, "train_samples": len(train_data),
               "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
               "epochs": len(history), "learning_rate": final["learning_rate"]}
-    if not args.no_probe and training.cache_trunk:
-        features = [_features(model, data) for data in (trainer.train_data, trainer.eval_data)]
-        head = linear_probe(*features[0], len(names))
+    if not args.no_probe:
+        (x_train, y_train), (x_eval, y_eval) = trainer.features("train"), trainer.features("eval")
+        head = linear_probe(x_train, y_train, len(names))
         with torch.no_grad():
-            result["probe_accuracy"] = float((head(features[1][0]).argmax(-1) == features[1][1]).float().mean())
+            result["probe_accuracy"] = float((head(x_eval).argmax(-1) == y_eval).float().mean())
     model.training_summary = {
         "dataset": args.dataset, "eval_split": args.eval_split, "train_samples": len(train_data),
         "eval_samples": len(eval_data), "metrics": {"accuracy": final["eval_accuracy"]},
@@ -166,19 +166,6 @@ def run_train(args) -> dict[str, Any]:
             result["pushed"] = model.push_to_hub(args.push_to_hub, token=args.token)
     state.wait_for_everyone()
     return result
-
-
-def _features(model, data) -> tuple:
-    """Pre-logit features of cached trunk outputs (for the linear probe)."""
-    import torch
-
-    values, labels = [], []
-    for start in range(0, len(data), 256):
-        batch = [data[i] for i in range(start, min(start + 256, len(data)))]
-        z = torch.stack([b[0] for b in batch]).to(model.net.head.weight.device)
-        values.append(model.features(trunk_output=z).cpu())
-        labels.append(torch.stack([torch.as_tensor(b[1]) for b in batch]))
-    return torch.cat(values), torch.cat(labels)
 
 
 def _at_most_per_class(dataset, count: int, seed: int):
@@ -196,8 +183,9 @@ def _build_model(args, num_classes: int, id2label: dict[int, str]):
 
     overrides = {k: getattr(args, k) for k in ("linearize", "activation", "leaky_slope", "target_scale", "ridge", "head_init")
                  if getattr(args, k) is not None}
-    if isinstance(overrides.get("linearize"), str) and "," in overrides["linearize"]:
-        overrides["linearize"] = [p.strip() for p in overrides["linearize"].split(",") if p.strip()]
+    spec = overrides.get("linearize")
+    if spec is not None and spec not in ("head", "all") and not spec.startswith("last:"):  # module prefixes
+        overrides["linearize"] = [p.strip() for p in spec.split(",") if p.strip()]
     checkpoint = _checkpoint_source(args.model)
     if checkpoint is not None:  # continue from an LQF checkpoint: its config, δ and head
         if overrides:

@@ -143,8 +143,8 @@ class _Features(Dataset):
 class LQFTrainer:
     """Fit the δ of an :class:`LQFModel` on an image dataset (items ``{"pixel_values", "label"}``).
 
-    After ``train()``, ``train_data`` / ``eval_data`` hold the model inputs used: cached trunk outputs
-    (items ``(trunk_output, label)``) or the datasets themselves when ``cache_trunk`` is off.
+    ``inputs(split)`` gives what the model is fed (cached trunk outputs, computed once), ``features(split)``
+    the pre-logit features at w0 (for linear probes on exactly the same data).
     """
 
     def __init__(
@@ -172,6 +172,7 @@ class LQFTrainer:
             )
         self.output_dir = Path(self.args.output_dir)
         self.history: list[dict[str, Any]] = []
+        self._inputs: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
@@ -181,8 +182,8 @@ class LQFTrainer:
         model = self.model.to(acc.device)
         fingerprint = args.fingerprint(model, len(self.train_dataset))
         start_epoch, self.history, learning_rate = self._check_resume(fingerprint)
-        self.train_data = train_data = self._features(self.train_dataset, "train")
-        self.eval_data = eval_data = None if self.eval_dataset is None else self._features(self.eval_dataset, "eval")
+        train_data = self.inputs("train")
+        eval_data = None if self.eval_dataset is None else self.inputs("eval")
 
         kfac = KFAC(
             model.linearization_point, model.linearized_parameters, ridge=model.config.ridge,
@@ -257,8 +258,7 @@ class LQFTrainer:
     @torch.no_grad()
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
         """Accuracy and MSE loss of the linearized model on ``dataset`` (default: the eval set)."""
-        if dataset is None:
-            dataset = self._features(self.eval_dataset, "eval")
+        dataset = self.inputs("eval") if dataset is None else dataset
         acc, model = self.accelerator, self.model
         loader = acc.prepare_data_loader(DataLoader(dataset, batch_size=self.args.eval_batch_size,
                                                     collate_fn=self._collate, num_workers=self.args.num_workers))
@@ -277,10 +277,28 @@ class LQFTrainer:
         key = "trunk_output" if self.args.cache_trunk else "pixel_values"
         return {key: values}, labels
 
-    def _features(self, dataset: Dataset, split: str) -> Dataset:
-        """The dataset as model inputs: cached trunk outputs when caching, else the dataset itself."""
-        if not self.args.cache_trunk:
-            return dataset
+    def inputs(self, split: str) -> Dataset:
+        """What the model is fed for ``split`` ("train" or "eval"): the cached trunk outputs (items
+        ``(trunk_output, label)``) when ``cache_trunk`` is on, else the dataset itself. Computed once."""
+        if split not in self._inputs:
+            dataset = {"train": self.train_dataset, "eval": self.eval_dataset}[split]
+            if dataset is None:
+                raise ValueError("This trainer has no eval_dataset.")
+            self._inputs[split] = self._cache(dataset, split) if self.args.cache_trunk else dataset
+        return self._inputs[split]
+
+    @torch.no_grad()
+    def features(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-logit features at w0 ``[N, D]`` and labels ``[N]`` of ``split`` (for linear probes)."""
+        values, labels = [], []
+        for inputs, batch_labels in DataLoader(self.inputs(split), batch_size=self.args.eval_batch_size,
+                                               collate_fn=self._collate):
+            values.append(self.model.features(**{k: v.to(self.accelerator.device) for k, v in inputs.items()}).cpu())
+            labels.append(batch_labels)
+        return torch.cat(values), torch.cat(labels)
+
+    def _cache(self, dataset: Dataset, split: str) -> Dataset:
+        """Trunk outputs of every item, computed once (split across processes, then gathered)."""
         acc, model = self.accelerator, self.model
         loader = acc.prepare_data_loader(DataLoader(_Indexed(dataset), batch_size=self.args.eval_batch_size,
                                                     collate_fn=_collate_indexed, num_workers=self.args.num_workers))
