@@ -15,6 +15,7 @@ from typing import Any
 
 OUTPUT_MARKER = ".lqf-output"
 DEFAULT_MODEL = "tf_efficientnet_lite0"
+DEFAULT_IMAGE_SIZE = 128
 
 
 class CLIError(Exception):
@@ -33,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(train)
     train.add_argument("--train-split", default="train", help="Split to train on. Default: train.")
     train.add_argument("--shots", type=int, default=100, help="Training images per class (0: all). Default: 100.")
-    train.add_argument("--eval-split", default="test", help="Split to evaluate on. Default: test.")
+    train.add_argument("--eval-split", default="test",
+                       help="Split to evaluate on; if the dataset has none, --val-fraction of the training split. Default: test.")
+    train.add_argument("--val-fraction", type=float, default=0.2,
+                       help="Held-out part of the training split when there is no eval split. Default: 0.2.")
     train.add_argument("--eval-per-class", type=int, default=200,
                        help="Evaluation images per class, a stratified subset for speed (0: the whole split). Default: 200.")
-    train.add_argument("--image-size", type=int, default=128,
-                       help="Input resolution (0: the model's own). Default: 128, sized for CPUs.")
+    train.add_argument("--image-size", type=int, default=None,
+                       help=f"Input resolution. Default: 128 for {DEFAULT_MODEL} (sized for CPUs), else the model's own.")
     group = train.add_argument_group("LQF (see LQFConfig)")
     group.add_argument("--linearize", default=None, help="'head', 'last:N', 'all' or comma-separated module prefixes.")
     group.add_argument("--activation", default=None, choices=["tangent", "leaky", "none"], help="ReLU treatment.")
@@ -115,24 +119,29 @@ def run_train(args) -> dict[str, Any]:
     from accelerate import PartialState
 
     from .baselines import linear_probe
-    from .data import class_names, load_image_dataset, sample_shots, with_transform
+    from .data import MissingSplit, class_names, load_image_dataset, sample_shots, split_validation, with_transform
     from .train import LQFTrainer, TrainingArguments
 
     state = PartialState()
     output = Path(args.output_dir)
     _check_output_dir(output, args.overwrite, args.resume_from)
-    train_data = load_image_dataset(args.dataset, args.train_split, image_column=args.image_column,
-                                    label_column=args.label_column)
-    eval_data = load_image_dataset(args.dataset, args.eval_split, image_column=args.image_column,
-                                   label_column=args.label_column)
+    columns = {"image_column": args.image_column, "label_column": args.label_column}
+    train_data = load_image_dataset(args.dataset, args.train_split, **columns)
+    try:
+        eval_data = load_image_dataset(args.dataset, args.eval_split, **columns)
+        eval_split = args.eval_split
+    except MissingSplit:  # hold out a stratified part of the training split
+        train_data, eval_data = split_validation(train_data, args.val_fraction, seed=args.seed)
+        eval_split = f"validation ({args.val_fraction:.0%} of {args.train_split})"
     names = class_names(train_data)
     if args.shots:
         train_data = sample_shots(train_data, args.shots, seed=args.seed)
     if args.eval_per_class:
         eval_data = _at_most_per_class(eval_data, args.eval_per_class, args.seed)
     model = _build_model(args, len(names), {i: n for i, n in enumerate(names)})
-    if args.image_size:
-        model.set_image_size(args.image_size)
+    image_size = args.image_size or (DEFAULT_IMAGE_SIZE if args.model == DEFAULT_MODEL else None)
+    if image_size:
+        model.set_image_size(image_size)
     training = TrainingArguments(
         output_dir=str(output), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         momentum=args.momentum, damping=args.damping, preconditioner=args.preconditioner, loss=args.loss,
@@ -155,7 +164,7 @@ def run_train(args) -> dict[str, Any]:
         with torch.no_grad():
             result["probe_accuracy"] = float((head(x_eval).argmax(-1) == y_eval).float().mean())
     model.training_summary = {
-        "dataset": args.dataset, "eval_split": args.eval_split, "train_samples": len(train_data),
+        "dataset": args.dataset, "eval_split": eval_split, "train_samples": len(train_data),
         "eval_samples": len(eval_data), "metrics": {"accuracy": final["eval_accuracy"]},
         "name": f"LQF {model.config.backbone.get('architecture') or args.model} on {args.dataset}",
     }

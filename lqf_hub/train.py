@@ -53,7 +53,9 @@ class TrainingArguments:
     preconditioner: str = field(default="kfac", metadata={"help": "'kfac' or 'none' (plain SGD, ablation)."})
     damping: float = field(default=1e-3, metadata={"help": "K-FAC damping, relative to each block's mean eigenvalue."})
     kfac_batches: int = field(default=8, metadata={"help": "Batches used to estimate the curvature at w0."})
-    kfac_outputs: str = field(default="exact", metadata={"help": "'exact' (one pass per class) or 'sampled'."})
+    kfac_outputs: str = field(
+        default="auto", metadata={"help": "'exact' (one backward pass per class), 'sampled', or 'auto' (exact up to 32)."}
+    )
     loss: str = field(default="mse", metadata={"help": "'mse' (LQF) or 'cross_entropy' (ablation)."})
     cache_trunk: bool = field(default=True, metadata={"help": "Cache the frozen trunk's outputs (no augmentation)."})
     cache_in_memory_gb: float = field(default=4.0, metadata={"help": "Larger caches go to a memory-mapped file."})
@@ -78,6 +80,8 @@ class TrainingArguments:
         Loss(self.loss)
         if self.preconditioner not in ("kfac", "none"):
             raise ValueError(f"`preconditioner` must be 'kfac' or 'none', got {self.preconditioner!r}.")
+        if self.kfac_outputs not in ("auto", "exact", "sampled"):
+            raise ValueError(f"`kfac_outputs` must be 'auto', 'exact' or 'sampled', got {self.kfac_outputs!r}.")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"`lr_schedule` must be 'cosine' or 'constant', got {self.lr_schedule!r}.")
 
@@ -185,9 +189,10 @@ class LQFTrainer:
         train_data = self.inputs("train")
         eval_data = None if self.eval_dataset is None else self.inputs("eval")
 
+        outputs = args.kfac_outputs if args.kfac_outputs != "auto" else "exact" if model.num_classes <= 32 else "sampled"
         kfac = KFAC(
             model.linearization_point, model.linearized_parameters, ridge=model.config.ridge,
-            damping=args.damping, outputs=args.kfac_outputs, seed=args.seed,
+            damping=args.damping, outputs=outputs, seed=args.seed,
         ) if args.preconditioner == "kfac" else None
         if kfac is not None:
             acc.register_for_checkpointing(kfac)

@@ -139,3 +139,22 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(two.linearized_parameters[name], delta, rtol=1e-4, atol=1e-6)
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     assert m1["test_accuracy"] == m2["test_accuracy"]
+
+
+def test_imagefolder_without_test_split_holds_out_validation(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("circle", "square", "star"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "images" / name / f"{i}.png")
+    code, _, err = run(capsys, "train", "--dataset", str(tmp_path / "images"), "--shots", "3", "--image-size", "32",
+                       "--epochs", "1", "--batch-size", "9", "--linearize", "bn2", "--output-dir", str(tmp_path / "out"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["train_samples"] == 9 and metrics["eval_samples"] == 3  # one of six per class held out
+    summary = LQFModel.from_pretrained(tmp_path / "out" / "model").training_summary
+    assert summary["eval_split"] == "validation (20% of train)"
+    assert LQFModel.from_pretrained(tmp_path / "out" / "model").config.id2label == {0: "circle", 1: "square", 2: "star"}
