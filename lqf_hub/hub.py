@@ -137,20 +137,21 @@ def resolve_files(
         return config, weights
     kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
                   force_download=force_download)
+    return _download(str(source), CONFIG_FILE, kwargs), _download(str(source), WEIGHTS_FILE, kwargs)
+
+
+def _download(repo_id: str, filename: str, kwargs: dict[str, Any]) -> Path:
     try:
-        config = hf_hub_download(str(source), CONFIG_FILE, **kwargs)
-        weights = hf_hub_download(str(source), WEIGHTS_FILE, **kwargs)
+        return Path(hf_hub_download(repo_id, filename, **kwargs))
     except RepositoryNotFoundError:
         raise CheckpointError(
-            f"Cannot read the Hub repo {source!r}: it does not exist, or it is private and no valid token was "
+            f"Cannot read the Hub repo {repo_id!r}: it does not exist, or it is private and no valid token was "
             "given (pass token=... or log in with `hf auth login`)."
         ) from None
     except RevisionNotFoundError:
-        raise CheckpointError(f"The Hub repo {source!r} has no revision {revision!r}.") from None
-    except EntryNotFoundError as err:
-        missing = CONFIG_FILE if CONFIG_FILE in str(err) or "config" in str(err) else WEIGHTS_FILE
-        raise CheckpointError(f"The Hub repo {source!r} is not an lqf-hub checkpoint: no {missing}.") from None
-    return Path(config), Path(weights)
+        raise CheckpointError(f"The Hub repo {repo_id!r} has no revision {kwargs.get('revision')!r}.") from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"The Hub repo {repo_id!r} is not an lqf-hub checkpoint: no {filename}.") from None
 
 
 def read_config(path: Path) -> tuple[dict[str, Any], LQFConfig]:
@@ -188,10 +189,11 @@ def read_tensors(path: Path, expected: Mapping[str, torch.Size]) -> dict[str, Te
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = sorted(n for n in set(expected) & set(shapes) if tuple(expected[n]) != shapes[n])
-    if missing or unexpected or wrong:
-        details = [f"missing {missing[:5]}" * bool(missing), f"unexpected {unexpected[:5]}" * bool(unexpected),
-                   ", ".join(f"{n} has shape {list(shapes[n])}, expected {list(expected[n])}" for n in wrong[:5])]
-        raise CheckpointError(f"{path} does not match its config: " + "; ".join(d for d in details if d) + ".")
+    problems = [f"missing {missing[:5]}"] if missing else []
+    problems += [f"unexpected {unexpected[:5]}"] if unexpected else []
+    problems += [f"{n} has shape {list(shapes[n])}, expected {list(expected[n])}" for n in wrong[:5]]
+    if problems:
+        raise CheckpointError(f"{path} does not match its config: " + "; ".join(problems) + ".")
     try:
         return load_file(str(path))
     except safetensors.SafetensorError as err:
