@@ -75,6 +75,8 @@ def run_lqf(settings: dict, train, test, num_classes: int, args) -> dict:
             "accuracy": history[-1]["eval_accuracy"], "seconds": time.perf_counter() - started,
             "learning_rate": history[0]["learning_rate"], "train_loss": history[-1]["train_loss"],
             "trainer": trainer,
+            "settings": {"activation": config.activation, "linearize": config.linearize, "damping": training.damping,
+                         "ridge": config.ridge},  # the effective values, defaults included
         }
 
 
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=["probe", "lqf", "ft"], choices=["probe", "lqf", "ft"])
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ft-epochs", type=int, default=10)
     parser.add_argument("--ft-lr", type=float, default=0.01)
     parser.add_argument("--ft-batch-size", type=int, default=32)
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
         for settings in _grid(args.grid) if "lqf" in args.methods else []:
             result = run_lqf(settings, train, test, num_classes, args)
             trainer = result.pop("trainer", trainer)
-            record({"dataset": args.dataset, "shots": shots, "method": "lqf", "settings": settings, **result})
+            record({"dataset": args.dataset, "shots": shots, "method": "lqf", **result})
         if "probe" in args.methods:
             record({"dataset": args.dataset, "shots": shots, "method": "probe", "settings": {},
                     **run_probe(trainer, train, test, num_classes, args)})

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, default=32, help="Global batch size. Default: 32.")
     group.add_argument("--learning-rate", type=float, default=None, help="Default: from the exact curvature.")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum. Default: 0.9.")
-    group.add_argument("--damping", type=float, default=1e-3, help="K-FAC damping (relative). Default: 1e-3.")
+    group.add_argument("--damping", type=float, default=1.0, help="K-FAC damping (relative). Default: 1.0.")
     group.add_argument("--preconditioner", default="kfac", choices=["kfac", "none"], help="Default: kfac.")
     group.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"], help="Default: mse (LQF).")
     group.add_argument("--augment", action="store_true", help="Random-crop/flip augmentation (disables trunk caching).")
@@ -116,13 +116,12 @@ def _data_arguments(parser) -> None:
 # -------------------------------------------------------------------------------------- commands
 def run_train(args) -> dict[str, Any]:
     import torch
-    from accelerate import PartialState
 
     from .baselines import linear_probe
     from .data import MissingSplit, class_names, load_image_dataset, sample_shots, split_validation, with_transform
-    from .train import LQFTrainer, TrainingArguments
+    from .train import LQFTrainer, TrainingArguments, process_state
 
-    state = PartialState()
+    state = process_state()
     output = Path(args.output_dir)
     _check_output_dir(output, args.overwrite, args.resume_from)
     columns = {"image_column": args.image_column, "label_column": args.label_column}
@@ -383,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from accelerate import PartialState
+    from .train import process_state
 
     if args.command == "predict":
         rows, errors = run_predict(args)
@@ -397,7 +396,7 @@ def _dispatch(args) -> int:
             print(f"lqf-hub predict: error: {error}", file=sys.stderr)
         return 1 if errors else 0
     result = {"train": run_train, "eval": run_eval, "push": run_push, "info": run_info, "convert": run_convert}[args.command](args)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         if getattr(args, "format", "table") == "json" or args.command == "info":
             print(json.dumps(result, indent=2))
         else:

@@ -10,7 +10,8 @@ For the loss ``mean_i ½‖f_lin(x_i) − α·y_i‖² + (λ/2)‖δ‖²`` the 
   2016): patches from ``unfold``, locations treated as extra samples; grouped and depthwise
   convolutions get one block per group.
 * every other linearized tensor (norm scales and shifts, embeddings, layer scales) gets the diagonal of G,
-  from squared gradients of sign-randomised outputs (unbiased for the per-sample sum).
+  from per-sample gradients (one batched backward pass per output): exact in ``"exact"`` mode, and
+  independent of how a batch is split across processes.
 
 Blocks are inverted through their eigendecompositions with the damping applied to the Kronecker
 eigenvalues exactly: ``(A ⊗ B + γI)⁻¹`` with ``γ = λ + damping · mean eigenvalue of the block``.
@@ -22,6 +23,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,13 +76,20 @@ def kronecker_inverse_apply(
 
 
 def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition in the matrix's dtype (float64 costs ~3x on CPU), float64 where float32 fails
-    to converge (rank-deficient factors with many repeated zero eigenvalues)."""
+    """Eigendecomposition of symmetric ``[groups, k, k]`` matrices.
+
+    LAPACK's divide-and-conquer (torch) can fail to converge on rank-deficient factors (few samples,
+    many zero eigenvalues), in float64 too and depending on the thread count; the QR algorithm
+    (scipy's ``ev`` driver) is slower but does not.
+    """
     try:
         return torch.linalg.eigh(matrix)
     except torch.linalg.LinAlgError:
-        eigenvalues, vectors = torch.linalg.eigh(matrix.double())
-        return eigenvalues.to(matrix.dtype), vectors.to(matrix.dtype)
+        import scipy.linalg
+
+        pairs = [scipy.linalg.eigh(m, driver="ev") for m in matrix.detach().cpu().double().numpy()]
+        eigenvalues, vectors = (torch.from_numpy(np.stack(part)).to(matrix) for part in zip(*pairs))
+        return eigenvalues, vectors
 
 
 def _append_ones(rows: Tensor) -> Tensor:
@@ -182,7 +191,7 @@ class KFAC:
         self.diag_sum: dict[str, Tensor] = {}
         self.diag_eig: dict[str, Tensor] = {}
         self.num_samples = 0.0
-        self._pass_weight = 1.0
+        self._pass_weight: float | None = 1.0  # None: a pass that must not reach the Kronecker factors
         self.finalized = False
 
     # ------------------------------------------------------------------------ statistics at w0
@@ -195,23 +204,28 @@ class KFAC:
             outputs = call(point)
         if outputs.ndim != 2 or outputs.shape[0] != batch_size:
             raise ValueError(f"K-FAC expects network outputs [batch, classes], got {list(outputs.shape)}.")
+        diagonal = {n: t for n, t in point.items() if not self._in_block(n)}
+        per_sample = torch.eye(batch_size, dtype=outputs.dtype, device=outputs.device).unsqueeze(-1)  # [B, B, 1]
         for vectors, weight in self._output_vectors(outputs):
             self._pass_weight = weight
             # asking for every parameter's gradient makes the pass reach every hooked layer output
-            grads = torch.autograd.grad((outputs * vectors).sum(), list(point.values()), retain_graph=True, allow_unused=True)
-            for name, grad in zip(point, grads):
-                if grad is not None and not self._in_block(name):
-                    square = weight * grad.detach().to(self.dtype).square()
-                    self.diag_sum[name] = self.diag_sum.get(name, 0) + square
+            torch.autograd.grad((outputs * vectors).sum(), list(point.values()), retain_graph=True, allow_unused=True)
+            if diagonal:  # per-sample gradients (one batched backward): the exact per-sample sum of squares
+                self._pass_weight = None
+                grads = torch.autograd.grad(outputs, list(diagonal.values()), grad_outputs=per_sample * vectors,
+                                            retain_graph=True, allow_unused=True, is_grads_batched=True)
+                for name, grad in zip(diagonal, grads):
+                    if grad is not None:
+                        square = weight * grad.detach().to(self.dtype).square().sum(0)
+                        self.diag_sum[name] = self.diag_sum.get(name, 0) + square
         self.num_samples += batch_size
 
     def _output_vectors(self, outputs: Tensor):
-        batch, classes = outputs.shape
-        if self.outputs == "exact":  # one pass per output; random signs keep per-sample sums unbiased
-            signs = torch.randint(0, 2, (batch,), generator=self.generator).to(outputs) * 2 - 1
+        classes = outputs.shape[1]
+        if self.outputs == "exact":  # one pass per output
             for c in range(classes):
                 vectors = torch.zeros_like(outputs)
-                vectors[:, c] = signs
+                vectors[:, c] = 1
                 yield vectors, 1.0
         else:
             for _ in range(self.samples):
@@ -226,6 +240,8 @@ class KFAC:
         return block
 
     def _add_output_grad(self, block: _Block, grad: Tensor, groups: int, channel_dim: int) -> None:
+        if self._pass_weight is None:  # the per-sample pass of the diagonal
+            return
         moment = self._pass_weight * second_moment(output_rows(grad.detach(), groups, channel_dim).to(self.dtype))
         block.b_sum = moment if block.b_sum is None else block.b_sum + moment
 

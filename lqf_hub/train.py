@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -34,6 +34,13 @@ from .model import LQFModel
 STATE_FILE = "trainer_state.json"
 
 
+def process_state() -> PartialState:
+    """This process's place in the run. Without an accelerator the processes must be asked to be CPU ones:
+    accelerate 1.15 otherwise turns `accelerate launch --num_processes N` on a CPU-only machine into N
+    unconnected single-process runs."""
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became non-finite or exploded; the last good checkpoint is kept."""
 
@@ -42,7 +49,7 @@ class TrainingDiverged(RuntimeError):
 class TrainingArguments:
     output_dir: str = field(default="lqf-output", metadata={"help": "Where checkpoints and metrics go."})
     epochs: int = field(default=10, metadata={"help": "Passes over the training set."})
-    batch_size: int = field(default=64, metadata={"help": "Global batch size (split across processes)."})
+    batch_size: int = field(default=32, metadata={"help": "Global batch size (split across processes)."})
     eval_batch_size: int = field(default=256, metadata={"help": "Batch size for evaluation and caching."})
     learning_rate: float | None = field(
         default=None,
@@ -51,7 +58,9 @@ class TrainingArguments:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
     lr_schedule: str = field(default="cosine", metadata={"help": "'cosine' (decays to 0) or 'constant'."})
     preconditioner: str = field(default="kfac", metadata={"help": "'kfac' or 'none' (plain SGD, ablation)."})
-    damping: float = field(default=1e-3, metadata={"help": "K-FAC damping, relative to each block's mean eigenvalue."})
+    damping: float = field(
+        default=1.0, metadata={"help": "K-FAC damping, relative to each block's mean eigenvalue (measured best 0.1-1)."}
+    )
     kfac_batches: int = field(default=8, metadata={"help": "Batches used to estimate the curvature at w0."})
     kfac_outputs: str = field(
         default="auto", metadata={"help": "'exact' (one backward pass per class), 'sampled', or 'auto' (exact up to 32)."}
@@ -164,6 +173,7 @@ class LQFTrainer:
             if dataset is not None and len(dataset) == 0:
                 raise ValueError(f"`{name}` is empty; check the split and the --shots / filtering options.")
         self.accelerator = Accelerator(
+            cpu=process_state().device.type == "cpu",
             mixed_precision=self.args.mixed_precision,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps,
             dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -205,9 +215,9 @@ class LQFTrainer:
             learning_rate = args.learning_rate or self._step_size(kfac, batches)
         self.learning_rate = learning_rate
         optimizer = torch.optim.SGD(model.delta.parameters(), lr=learning_rate, momentum=args.momentum)
-        sampler = _EpochPermutation(len(train_data), args.seed)
         # full batches only: a small last batch would weigh its samples more and destabilise momentum SGD
-        loader = DataLoader(train_data, batch_size=min(args.batch_size, len(train_data)), sampler=sampler,
+        loader = DataLoader(train_data, batch_size=min(args.batch_size, len(train_data)),
+                            sampler=_EpochPermutation(len(train_data), args.seed),
                             collate_fn=self._collate, num_workers=args.num_workers, drop_last=True)
         total_steps = args.epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args.lr_schedule, total_steps))
@@ -222,7 +232,7 @@ class LQFTrainer:
 
         first_loss = self.history[0]["train_loss_first_batch"] if self.history else None
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
+            loader.set_epoch(epoch)  # the prepared loader passes it on to the sampler; it would count from 0 on resume
             ddp_model.train()
             losses, started = [], time.perf_counter()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (args.progress and acc.is_main_process))
@@ -256,7 +266,8 @@ class LQFTrainer:
                 self._checkpoint(epoch + 1, fingerprint)
         if acc.is_main_process:
             plot_history(self.history, self.output_dir / "curves.png")
-        acc.end_training()
+        for tracker in acc.trackers:  # not end_training(): it ends the process group that evaluate() still needs
+            tracker.finish()
         return self.history
 
     # --------------------------------------------------------------------------------- evaluate

@@ -158,3 +158,19 @@ def test_imagefolder_without_test_split_holds_out_validation(tmp_path, capsys):
     summary = LQFModel.from_pretrained(tmp_path / "out" / "model").training_summary
     assert summary["eval_split"] == "validation (20% of train)"
     assert LQFModel.from_pretrained(tmp_path / "out" / "model").config.id2label == {0: "circle", 1: "square", 2: "star"}
+
+
+def test_save_to_disk_dataset_with_splits(tmp_path, capsys):
+    import datasets
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    features = datasets.Features({"img": datasets.Image(), "target": datasets.ClassLabel(names=["a", "b"])})
+    split = lambda n: datasets.Dataset.from_dict(  # noqa: E731
+        {"img": list(rng.integers(0, 255, (n, 16, 16), dtype=np.uint8)), "target": [i % 2 for i in range(n)]}, features)
+    datasets.DatasetDict({"train": split(8), "test": split(4)}).save_to_disk(str(tmp_path / "saved"))
+    code, _, err = run(capsys, "train", "--dataset", str(tmp_path / "saved"), "--shots", "2", "--image-size", "32",
+                       "--epochs", "1", "--batch-size", "4", "--linearize", "bn2", "--output-dir", str(tmp_path / "out"))
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["train_samples"], metrics["eval_samples"]) == (4, 4)

@@ -152,7 +152,7 @@ def test_model_card_metadata_and_metrics(tmp_path):
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {"accuracy": 0.8765, "loss": 12.5}
     assert card.data.eval_results[0].dataset_name == "fashion_mnist"
-    assert "| accuracy | 0.8765 |" in card.text and "linearized | last:1" in card.text
+    assert "| accuracy | 0.8765 |" in card.text and f"linearized | {model.config.linearize}" in card.text
     assert "Achille" in card.text and "accelerate launch -m lqf_hub train" in card.text
 
 

@@ -7,9 +7,16 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
-from lqf_hub.kfac import KFAC
+from lqf_hub.kfac import KFAC, _eigh
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor of these tests is float64, without leaking the default into other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _deltas(net: nn.Module) -> dict[str, nn.Parameter]:
@@ -72,6 +79,23 @@ def test_single_linear_layer_is_exact():
     torch.testing.assert_close(_preconditioned(kfac, deltas, v), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_eigendecomposition_falls_back_when_lapack_does_not_converge(monkeypatch):
+    """torch's eigh fails on some rank-deficient factors (seen with one thread): the fallback decomposes them."""
+    torch.manual_seed(2)
+    rows = torch.randn(5, 40)
+    matrix = (rows.T @ rows).unsqueeze(0).float()  # rank 5 of 40: 35 repeated zero eigenvalues
+
+    def fails(_):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    eigenvalues, vectors = _eigh(matrix)
+    assert eigenvalues.dtype == vectors.dtype == torch.float32
+    reconstructed = vectors[0] @ torch.diag(eigenvalues[0]) @ vectors[0].T
+    torch.testing.assert_close(reconstructed, matrix[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(vectors[0].T @ vectors[0], torch.eye(40, dtype=torch.float32), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_grouped_conv_with_one_output_location_is_exact(groups):
     """A conv whose kernel covers the input is a linear layer per group: K-FAC must be exact."""
@@ -113,6 +137,23 @@ def test_conv_net_direction_is_closer_to_newton(outputs):
     assert ours > raw + 0.2, (raw, ours)
     assert set(kfac.blocks) == {"0.weight", "3.weight", "5.weight", "9.weight"}
     assert set(kfac.diag_eig) == {"1.weight", "1.bias"}  # BatchNorm affine: diagonal
+
+
+def test_diagonal_of_norm_parameters_is_exact_and_independent_of_batching():
+    """Norm scales and shifts get diag(E[JᵀJ]) exactly, however the samples are split into batches
+    (processes see their own slices of every batch)."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(12, 3, 6, 6)
+    diagonal = torch.diagonal(_ggn(net, x))
+    sizes = [p.numel() for p in net.parameters()]
+    expected = dict(zip(dict(net.named_parameters()), diagonal.split(sizes)))
+    for batches in (1, 3):
+        kfac, _ = _kfac(net, x, batches=batches)
+        for name in ("1.weight", "1.bias"):
+            torch.testing.assert_close(kfac.diag_eig[name], expected[name], rtol=1e-10, atol=1e-12)
 
 
 def test_preconditioned_sgd_beats_plain_sgd_on_ill_conditioned_least_squares():
