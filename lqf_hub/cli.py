@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, default=32, help="Global batch size. Default: 32.")
     group.add_argument("--learning-rate", type=float, default=None, help="Default: from the exact curvature.")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum. Default: 0.9.")
+    group.add_argument("--eval-every", type=int, default=1, help="Evaluate every N epochs (and the last). Default: 1.")
     group.add_argument("--damping", type=float, default=1.0, help="K-FAC damping (relative). Default: 1.0.")
     group.add_argument("--preconditioner", default="kfac", choices=["kfac", "none"], help="Default: kfac.")
     group.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"], help="Default: mse (LQF).")
@@ -145,7 +146,7 @@ def run_train(args) -> dict[str, Any]:
         output_dir=str(output), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         momentum=args.momentum, damping=args.damping, preconditioner=args.preconditioner, loss=args.loss,
         cache_trunk=not args.augment, mixed_precision=args.mixed_precision, seed=args.seed,
-        report_to=args.report_to, resume_from=args.resume_from, eval_every=args.epochs,
+        report_to=args.report_to, resume_from=args.resume_from, eval_every=args.eval_every,
     )
     trainer = LQFTrainer(model, with_transform(train_data, model.data_config, augment=args.augment),
                          with_transform(eval_data, model.data_config), training)
@@ -362,7 +363,7 @@ def run_convert(args) -> dict[str, Any]:
 def _print_table(record: dict[str, Any]) -> None:
     width = max(len(k) for k in record)
     for key, value in record.items():
-        value = f"{value:.4f}" if isinstance(value, float) else value
+        value = f"{value:.4g}" if isinstance(value, float) else value
         print(f"{key:<{width}}  {value}")
 
 
