@@ -9,9 +9,11 @@ For the loss ``mean_i ½‖f_lin(x_i) − α·y_i‖² + (λ/2)‖δ‖²`` the 
   backward pass per output, or from random output vectors). Convolutions follow KFC (Grosse & Martens,
   2016): patches from ``unfold``, locations treated as extra samples; grouped and depthwise
   convolutions get one block per group.
-* every other linearized tensor (norm scales and shifts, embeddings, layer scales) gets the diagonal of G,
-  from per-sample gradients (one batched backward pass per output): exact in ``"exact"`` mode, and
-  independent of how a batch is split across processes.
+* every other linearized tensor gets the diagonal of G from per-sample gradients, so it is exact in
+  ``"exact"`` mode and does not depend on how a batch is split across processes. Scales and shifts of
+  ``F.batch_norm`` / ``F.layer_norm`` / ``F.group_norm`` get them from the same backward passes (the
+  normalized input times the output gradient); anything else (layer scales, embeddings) from an extra
+  batched backward pass per output.
 
 Blocks are inverted through their eigendecompositions with the damping applied to the Kronecker
 eigenvalues exactly: ``(A ⊗ B + γI)⁻¹`` with ``γ = λ + damping · mean eigenvalue of the block``.
@@ -122,18 +124,27 @@ class _Block:
 
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 _PARAMETERS = {F.linear: ("input", "weight", "bias"), F.conv2d: ("input", "weight", *_CONV_DEFAULTS)}
+_NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+_NORM_PARAMETERS = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+}
 
 
 class _LayerCapture(TorchFunctionMode):
-    """Records inputs (into A) and hooks outputs (for B) of the F.linear / F.conv2d calls on tracked weights."""
+    """Records inputs (into A) and hooks outputs (for B) of the F.linear / F.conv2d calls on tracked weights,
+    and hooks the outputs of norm calls with tracked scales or shifts (for their per-sample gradients)."""
 
-    def __init__(self, kfac: "KFAC", names_by_id: dict[int, str]) -> None:
+    def __init__(self, kfac: "KFAC", names_by_id: dict[int, str], batch_size: int) -> None:
         super().__init__()
-        self.kfac, self.names_by_id = kfac, names_by_id
+        self.kfac, self.names_by_id, self.batch_size = kfac, names_by_id, batch_size
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func in _NORM_PARAMETERS:
+            self._norm(func, {**_NORM_DEFAULTS, **dict(zip(_NORM_PARAMETERS[func], args)), **kwargs}, out)
         if func not in _PARAMETERS:
             return out
         call = {**_CONV_DEFAULTS, **dict(zip(_PARAMETERS[func], args)), **kwargs}
@@ -157,6 +168,36 @@ class _LayerCapture(TorchFunctionMode):
         if out.requires_grad:
             out.register_hook(lambda grad: self.kfac._add_output_grad(block, grad, groups, channel_dim))
         return out
+
+    def _norm(self, func, call: dict, out: Tensor) -> None:
+        """``out = x̂·weight + bias`` per sample: the gradients are ``Σ g·x̂`` and ``Σ g`` over the other dims."""
+        names = {k: self.names_by_id.get(id(call[k])) for k in ("weight", "bias") if call[k] is not None}
+        names = {k: n for k, n in names.items() if n is not None}
+        x = call["input"]
+        if not names or not out.requires_grad or call["training"] or x.shape[0] != self.batch_size:
+            return  # untracked, or not one row per sample: the batched pass covers it
+        if func is F.batch_norm:
+            normalized = F.batch_norm(x.detach(), call["running_mean"], call["running_var"], eps=call["eps"])
+            kept = (0, 1)
+        elif func is F.layer_norm:
+            normalized = F.layer_norm(x.detach(), call["normalized_shape"], eps=call["eps"])
+            kept = (0, *range(x.ndim - len(call["normalized_shape"]), x.ndim))
+        else:
+            normalized = F.group_norm(x.detach(), call["num_groups"], eps=call["eps"])
+            kept = (0, 1)
+        summed = [d for d in range(x.ndim) if d not in kept]
+        normalized = normalized.to(self.kfac.dtype)
+        self.kfac.norm_names.update(names.values())
+
+        def per_sample(grad: Tensor) -> None:
+            if self.kfac._pass_weight is None:
+                return
+            grad = grad.detach().to(self.kfac.dtype)
+            parts = {"weight": grad * normalized, "bias": grad}
+            # (sum over an empty list of dims would sum everything)
+            self.kfac._add_per_sample({n: parts[k].sum(summed) if summed else parts[k] for k, n in names.items()})
+
+        out.register_hook(per_sample)
 
 
 # ------------------------------------------------------------------------------------------- K-FAC
@@ -191,7 +232,9 @@ class KFAC:
         self.diag_sum: dict[str, Tensor] = {}
         self.diag_eig: dict[str, Tensor] = {}
         self.num_samples = 0.0
-        self._pass_weight: float | None = 1.0  # None: a pass that must not reach the Kronecker factors
+        self.norm_names: set[str] = set()  # scales and shifts whose per-sample gradients the norm hooks give
+        self._pass_weight: float | None = 1.0  # None: a pass that must not reach the statistics
+        self._per_sample: dict[str, Tensor] = {}
         self.finalized = False
 
     # ------------------------------------------------------------------------ statistics at w0
@@ -200,25 +243,42 @@ class KFAC:
         if self.finalized:
             raise RuntimeError("K-FAC is already finalized; create a new one to recompute the curvature.")
         point = {n: self.w0[n] + (d - d.detach()) for n, d in self.deltas.items()}
-        with _LayerCapture(self, {id(t): n for n, t in point.items()}):
+        with _LayerCapture(self, {id(t): n for n, t in point.items()}, batch_size):
             outputs = call(point)
         if outputs.ndim != 2 or outputs.shape[0] != batch_size:
             raise ValueError(f"K-FAC expects network outputs [batch, classes], got {list(outputs.shape)}.")
-        diagonal = {n: t for n, t in point.items() if not self._in_block(n)}
-        per_sample = torch.eye(batch_size, dtype=outputs.dtype, device=outputs.device).unsqueeze(-1)  # [B, B, 1]
+        others = {n: t for n, t in point.items() if not self._in_block(n) and n not in self.norm_names}
         for vectors, weight in self._output_vectors(outputs):
-            self._pass_weight = weight
+            self._pass_weight, self._per_sample = weight, {}
             # asking for every parameter's gradient makes the pass reach every hooked layer output
             torch.autograd.grad((outputs * vectors).sum(), list(point.values()), retain_graph=True, allow_unused=True)
-            if diagonal:  # per-sample gradients (one batched backward): the exact per-sample sum of squares
-                self._pass_weight = None
-                grads = torch.autograd.grad(outputs, list(diagonal.values()), grad_outputs=per_sample * vectors,
-                                            retain_graph=True, allow_unused=True, is_grads_batched=True)
-                for name, grad in zip(diagonal, grads):
-                    if grad is not None:
-                        square = weight * grad.detach().to(self.dtype).square().sum(0)
-                        self.diag_sum[name] = self.diag_sum.get(name, 0) + square
+            if others:
+                self._others_per_sample(outputs, vectors, others)
+            for name, grads in self._per_sample.items():
+                square = weight * grads.square().sum(0)
+                self.diag_sum[name] = self.diag_sum.get(name, 0) + square
         self.num_samples += batch_size
+
+    def _others_per_sample(self, outputs: Tensor, vectors: Tensor, tensors: dict[str, Tensor]) -> None:
+        """Per-sample gradients of ``tensors`` by batched backward passes, ``_CHUNK`` samples at a time."""
+        self._pass_weight, weight = None, self._pass_weight  # the hooks must not count these passes
+        rows = torch.eye(outputs.shape[0], dtype=outputs.dtype, device=outputs.device).unsqueeze(-1) * vectors
+        chunks: dict[str, list[Tensor]] = {}
+        for chunk in rows.split(self._CHUNK):  # [k, B, C]: the vectors of k samples, zero elsewhere
+            grads = torch.autograd.grad(outputs, list(tensors.values()), grad_outputs=chunk, retain_graph=True,
+                                        allow_unused=True, is_grads_batched=True)
+            for name, grad in zip(tensors, grads):
+                if grad is not None:
+                    chunks.setdefault(name, []).append(grad.detach().to(self.dtype))
+        self._pass_weight = weight
+        self._add_per_sample({name: torch.cat(parts) for name, parts in chunks.items()})
+
+    _CHUNK = 8  # a batched backward pass holds this many copies of the batch's gradients
+
+    def _add_per_sample(self, grads: Mapping[str, Tensor]) -> None:
+        """Per-sample gradients ``[B, *shape]`` from this pass, summed over every use of a tensor."""
+        for name, grad in grads.items():
+            self._per_sample[name] = grad + self._per_sample[name] if name in self._per_sample else grad
 
     def _output_vectors(self, outputs: Tensor):
         classes = outputs.shape[1]
@@ -240,7 +300,7 @@ class KFAC:
         return block
 
     def _add_output_grad(self, block: _Block, grad: Tensor, groups: int, channel_dim: int) -> None:
-        if self._pass_weight is None:  # the per-sample pass of the diagonal
+        if self._pass_weight is None:
             return
         moment = self._pass_weight * second_moment(output_rows(grad.detach(), groups, channel_dim).to(self.dtype))
         block.b_sum = moment if block.b_sum is None else block.b_sum + moment

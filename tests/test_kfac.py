@@ -139,21 +139,37 @@ def test_conv_net_direction_is_closer_to_newton(outputs):
     assert set(kfac.diag_eig) == {"1.weight", "1.bias"}  # BatchNorm affine: diagonal
 
 
-def test_diagonal_of_norm_parameters_is_exact_and_independent_of_batching():
-    """Norm scales and shifts get diag(E[JᵀJ]) exactly, however the samples are split into batches
-    (processes see their own slices of every batch)."""
+class _LayerScale(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, channels).reshape(channels, 1, 1))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def test_diagonal_is_exact_and_independent_of_batching():
+    """Norm scales and shifts (from the norm calls) and other tensors (from per-sample passes) get
+    diag(E[JᵀJ]) exactly, however the samples are split into batches (processes see slices of a batch)."""
     torch.manual_seed(5)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(64, 3))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.LeakyReLU(0.1), nn.GroupNorm(2, 4), _LayerScale(4),
+        nn.Flatten(), nn.LayerNorm(64), nn.Linear(64, 3),
+    )
     with torch.no_grad():
         net[1].running_var.uniform_(0.5, 2.0)
+        for norm in (net[1], net[3], net[6]):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
     x = torch.randn(12, 3, 6, 6)
     diagonal = torch.diagonal(_ggn(net, x))
-    sizes = [p.numel() for p in net.parameters()]
-    expected = dict(zip(dict(net.named_parameters()), diagonal.split(sizes)))
+    expected = dict(zip(dict(net.named_parameters()), diagonal.split([p.numel() for p in net.parameters()])))
     for batches in (1, 3):
         kfac, _ = _kfac(net, x, batches=batches)
-        for name in ("1.weight", "1.bias"):
-            torch.testing.assert_close(kfac.diag_eig[name], expected[name], rtol=1e-10, atol=1e-12)
+        assert kfac.norm_names == {"1.weight", "1.bias", "3.weight", "3.bias", "6.weight", "6.bias"}
+        assert set(kfac.diag_eig) == kfac.norm_names | {"4.gamma"}
+        for name, diag in kfac.diag_eig.items():
+            torch.testing.assert_close(diag.flatten(), expected[name], rtol=1e-10, atol=1e-12)
 
 
 def test_preconditioned_sgd_beats_plain_sgd_on_ill_conditioned_least_squares():
