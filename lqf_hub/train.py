@@ -36,8 +36,8 @@ STATE_FILE = "trainer_state.json"
 
 def process_state() -> PartialState:
     """This process's place in the run. Without an accelerator the processes must be asked to be CPU ones:
-    accelerate 1.15 otherwise turns `accelerate launch --num_processes N` on a CPU-only machine into N
-    unconnected single-process runs."""
+    otherwise accelerate (seen with 1.15) turns a multi-process `accelerate launch` on a CPU-only machine
+    into N unconnected single-process runs."""
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
