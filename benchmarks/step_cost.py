@@ -15,7 +15,6 @@ and peak memory of the step, for
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import statistics
 import sys

@@ -21,10 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from lqf_hub import LQFConfig, LQFModel
-from lqf_hub.baselines import accuracy, fine_tune, linear_probe
+from lqf_hub.baselines import accuracy, fine_tune, probe_accuracy
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 from lqf_hub.train import LQFTrainer, TrainingArguments, TrainingDiverged
 
@@ -88,10 +87,7 @@ def run_probe(trainer: LQFTrainer | None, train, test, num_classes: int, args) -
         model.set_image_size(args.image_size)
         trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
                              TrainingArguments(output_dir=tempfile.mkdtemp(), progress=False))
-    (x_train, y_train), (x_test, y_test) = trainer.features("train"), trainer.features("eval")
-    head = linear_probe(x_train, y_train, num_classes)
-    with torch.no_grad():
-        acc = float((head(x_test).argmax(-1) == y_test).float().mean())
+    acc = probe_accuracy(trainer.features("train"), trainer.features("eval"), num_classes)
     return {"accuracy": acc, "seconds": time.perf_counter() - started}
 
 

@@ -26,7 +26,8 @@ def linear_probe(
     weight_decay = 1.0 / len(x) if weight_decay is None else weight_decay
     w = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS([w, b], max_iter=1000, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
@@ -40,6 +41,14 @@ def linear_probe(
         head.weight.copy_(w / std)
         head.bias.copy_(b - (w / std) @ mean)
     return head
+
+
+def probe_accuracy(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int) -> float:
+    """Accuracy on ``test`` of a :func:`linear_probe` fitted on ``train``: (features ``[N, D]``, labels ``[N]``)."""
+    head = linear_probe(*train, num_classes)
+    features, labels = test
+    with torch.no_grad():
+        return int((head(features).argmax(-1) == labels).sum()) / len(labels)
 
 
 def fine_tune(

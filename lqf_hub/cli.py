@@ -116,9 +116,7 @@ def _data_arguments(parser) -> None:
 
 # -------------------------------------------------------------------------------------- commands
 def run_train(args) -> dict[str, Any]:
-    import torch
-
-    from .baselines import linear_probe
+    from .baselines import probe_accuracy
     from .data import MissingSplit, class_names, load_image_dataset, sample_shots, split_validation, with_transform
     from .train import LQFTrainer, TrainingArguments, process_state
 
@@ -137,7 +135,8 @@ def run_train(args) -> dict[str, Any]:
     if args.shots:
         train_data = sample_shots(train_data, args.shots, seed=args.seed)
     if args.eval_per_class:
-        eval_data = _at_most_per_class(eval_data, args.eval_per_class, args.seed)
+        # the test images benchmarks/transfer.py draws for the same seed
+        eval_data = sample_shots(eval_data, args.eval_per_class, seed=1000 + args.seed, at_most=True)
     model = _build_model(args, len(names), {i: n for i, n in enumerate(names)})
     image_size = args.image_size or (DEFAULT_IMAGE_SIZE if args.model == DEFAULT_MODEL else None)
     if image_size:
@@ -159,14 +158,11 @@ def run_train(args) -> dict[str, Any]:
               "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
               "epochs": len(history), "learning_rate": final["learning_rate"]}
     if not args.no_probe:
-        (x_train, y_train), (x_eval, y_eval) = trainer.features("train"), trainer.features("eval")
-        head = linear_probe(x_train, y_train, len(names))
-        with torch.no_grad():
-            result["probe_accuracy"] = float((head(x_eval).argmax(-1) == y_eval).float().mean())
+        result["probe_accuracy"] = probe_accuracy(trainer.features("train"), trainer.features("eval"), len(names))
     model.training_summary = {
         "dataset": args.dataset, "eval_split": eval_split, "train_samples": len(train_data),
         "eval_samples": len(eval_data), "metrics": {"accuracy": final["eval_accuracy"]},
-        "name": f"LQF {model.config.backbone.get('architecture') or args.model} on {args.dataset}",
+        "name": f"LQF {model.config.backbone_name or args.model} on {args.dataset}",
     }
     if state.is_main_process:
         model.save_pretrained(output / "model")
@@ -175,15 +171,6 @@ def run_train(args) -> dict[str, Any]:
             result["pushed"] = model.push_to_hub(args.push_to_hub, token=args.token)
     state.wait_for_everyone()
     return result
-
-
-def _at_most_per_class(dataset, count: int, seed: int):
-    import numpy as np
-
-    labels = np.asarray(dataset["label"])
-    rng = np.random.default_rng(10_000 + seed)
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:count] for c in np.unique(labels)]
-    return dataset.select(np.sort(np.concatenate(keep)))
 
 
 def _build_model(args, num_classes: int, id2label: dict[int, str]):
@@ -203,7 +190,13 @@ def _build_model(args, num_classes: int, id2label: dict[int, str]):
         if model.num_classes != num_classes:
             raise CLIError(f"{args.model} has {model.num_classes} classes but {args.dataset} has {num_classes}.")
         return model
-    config = LQFConfig(**overrides, id2label=id2label)
+    return _from_name(args, LQFConfig(**overrides, id2label=id2label), num_classes)
+
+
+def _from_name(args, config, num_classes: int | None = None):
+    """``args.model`` as a base model: a Hugging Face repo id (``org/name``) or a timm name."""
+    from .model import LQFModel
+
     if "/" in args.model:
         return LQFModel.from_transformers(args.model, num_classes, config, revision=args.revision, token=args.token)
     return LQFModel.from_timm(args.model, num_classes, config)
@@ -267,9 +260,7 @@ def run_predict(args) -> tuple[list[dict[str, Any]], list[str]]:
     if checkpoint is not None:
         model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
     else:  # a base model with its own classifier (e.g. the ImageNet classes)
-        config = LQFConfig(linearize="head", head_init="pretrained")
-        model = (LQFModel.from_transformers(args.model, config=config, revision=args.revision, token=args.token)
-                 if "/" in args.model else LQFModel.from_timm(args.model, config=config))
+        model = _from_name(args, LQFConfig(linearize="head", head_init="pretrained"))
     transform = image_transform(model.data_config)
     rows, errors = [], []
     for path in _image_files(args.images):
@@ -319,8 +310,7 @@ def run_info(args) -> dict[str, Any]:
     config_file, weights_file = resolve_files(source, revision=args.revision, token=args.token)
     saved, config = read_config(config_file)
     info = {
-        "checkpoint": str(source), "base": saved["base"], "backbone": config.backbone.get("architecture")
-        or config.backbone.get("config", {}).get("model_type"), "linearize": config.linearize,
+        "checkpoint": str(source), "base": saved["base"], "backbone": config.backbone_name, "linearize": config.linearize,
         "activation": config.activation, "num_classes": config.num_classes, "dtype": saved["dtype"],
         "base_sha256": saved["base_sha256"], "file_bytes": {WEIGHTS_FILE: weights_file.stat().st_size},
         "training": saved.get("training") or {},

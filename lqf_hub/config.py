@@ -108,6 +108,11 @@ class LQFConfig:
                     f"got {sorted(self.id2label)[:10]}."
                 )
 
+    @property
+    def backbone_name(self) -> str | None:
+        """The base architecture: the timm name, or the transformers model type."""
+        return self.backbone.get("architecture") or self.backbone.get("config", {}).get("model_type")
+
     def with_classes(self, num_classes: int, id2label: dict[int, str] | None = None) -> "LQFConfig":
         """A copy with ``num_classes`` set (validated) and labels defaulting to the class index."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:

@@ -22,11 +22,11 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 _IMAGE_NAMES = ("image", "img", "picture", "pixel_values")
+_LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 
 
 class MissingSplit(ValueError):
     """The dataset exists but has no such split (hold out part of the training split instead)."""
-_LABEL_NAMES = ("label", "labels", "fine_label", "class", "target")
 
 
 def load_image_dataset(
@@ -65,8 +65,9 @@ def class_names(dataset: datasets.Dataset) -> list[str]:
     return list(dataset.features["label"].names)
 
 
-def sample_shots(dataset: datasets.Dataset, shots: int, seed: int = 0) -> datasets.Dataset:
-    """A stratified subset with ``shots`` images of every class, chosen with ``seed``."""
+def sample_shots(dataset: datasets.Dataset, shots: int, seed: int = 0, *, at_most: bool = False) -> datasets.Dataset:
+    """A stratified subset with ``shots`` images of every class, chosen with ``seed``; with ``at_most``,
+    a class with fewer images keeps all of them instead of being an error."""
     if shots < 1:
         raise ValueError(f"`shots` must be >= 1, got {shots}.")
     labels = np.asarray(dataset["label"])
@@ -74,11 +75,11 @@ def sample_shots(dataset: datasets.Dataset, shots: int, seed: int = 0) -> datase
     chosen = []
     for c, name in enumerate(class_names(dataset)):
         members = np.flatnonzero(labels == c)
-        if len(members) < shots:
+        if len(members) < shots and not at_most:
             raise ValueError(
                 f"shots={shots} but class {name!r} has only {len(members)} images; use --shots {len(members)} or fewer."
             )
-        chosen.append(rng.choice(members, shots, replace=False))
+        chosen.append(rng.choice(members, min(shots, len(members)), replace=False))
     return dataset.select(np.sort(np.concatenate(chosen)))
 
 

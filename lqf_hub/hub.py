@@ -65,7 +65,12 @@ def save_checkpoint(model: "LQFModel", directory: str | os.PathLike, base: str =
 def checkpoint_config(model: "LQFModel", base: str) -> dict[str, Any]:
     from . import __version__
 
-    config = {
+    if base == "reference" and not model.config.backbone.get("source"):
+        raise ValueError(
+            "base='reference' needs a backbone that can be fetched again (built by name or Hub repo id with "
+            "pretrained weights); this one was passed as a model instance. Save with base='full'."
+        )
+    return {
         "library": "lqf-hub",
         "lqf_hub_version": __version__,
         "format_version": FORMAT_VERSION,
@@ -75,12 +80,6 @@ def checkpoint_config(model: "LQFModel", base: str) -> dict[str, Any]:
         "config": model.config.to_dict(),
         "training": model.training_summary,
     }
-    if base == "reference" and not model.config.backbone.get("source"):
-        raise ValueError(
-            "base='reference' needs a backbone that can be fetched again (built by name or Hub repo id with "
-            "pretrained weights); this one was passed as a model instance. Save with base='full'."
-        )
-    return config
 
 
 def backbone_sha256(state: Mapping[str, Tensor]) -> str:
@@ -220,7 +219,7 @@ def model_card(model: "LQFModel", config: Mapping[str, Any], repo_id: str) -> Mo
         eval_results=results or None, model_name=training.get("name", "LQF model"), license=training.get("license"),
     )
     settings = {
-        "backbone": lqf.backbone.get("architecture") or lqf.backbone.get("config", {}).get("model_type"),
+        "backbone": lqf.backbone_name,
         "linearized": lqf.linearize, "activation": lqf.activation, "leaky slope": lqf.leaky_slope,
         "target scale α": lqf.target_scale, "ridge λ": lqf.ridge, "head init": lqf.head_init,
         "classes": lqf.num_classes, "weights stored": "full (base + delta)" if config["base"] == "full"

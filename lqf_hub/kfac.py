@@ -65,7 +65,8 @@ def second_moment(rows: Tensor) -> Tensor:
 
 
 def kronecker_inverse_apply(
-    grad: Tensor, eig_a: Tensor, basis_a: Tensor, eig_b: Tensor, basis_b: Tensor, damping: float, power: float = 1.0
+    grad: Tensor, eig_a: Tensor, basis_a: Tensor, eig_b: Tensor, basis_b: Tensor, damping: float | Tensor,
+    power: float = 1.0,
 ) -> Tensor:
     """``(A ⊗ B + γI)^-power vec(V)`` per group with ``A = Qa diag(ea) Qaᵀ``, ``B = Qb diag(eb) Qbᵀ``.
 
@@ -332,7 +333,7 @@ class KFAC:
         self.diag_sum = {}
         missing = [n for n in self.deltas if not self._in_block(n) and n not in self.diag_eig]
         for name in missing:  # tensors no output depends on: only the ridge acts on them
-            self.diag_eig[name] = torch.zeros(self.deltas[name].shape, dtype=self.dtype)
+            self.diag_eig[name] = torch.zeros_like(self.deltas[name], dtype=self.dtype)
         self.finalized = True
 
     def precondition(self, grads: Mapping[str, Tensor], power: float = 1.0) -> None:
@@ -344,7 +345,7 @@ class KFAC:
             if weight is None:
                 continue
             e = {k: v.to(weight.device) for k, v in block.eig.items()}
-            damping = self.ridge + self.damping * float(e["eig_a"].mean() * e["eig_b"].mean())
+            damping = self.ridge + self.damping * e["eig_a"].mean() * e["eig_b"].mean()  # a tensor: no sync per step
             matrix = weight.reshape(block.groups, weight.shape[0] // block.groups, -1).to(self.dtype)
             if block.bias:  # a bias missing from ``grads`` counts as a zero gradient
                 column = matrix.new_zeros(*matrix.shape[:2], 1) if bias is None else bias.reshape(block.groups, -1, 1)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 

@@ -136,7 +136,8 @@ class LQFModel(
         """Write config, safetensors and model card to ``save_directory`` (atomically).
 
         ``base="full"`` stores the linearization point too; ``base="reference"`` only δ and the head, plus
-        the base model's id and the sha256 of its weights (a few % of the size for a tail-linearized model).
+        the base model's id and the sha256 of its weights (as small as the linearized part: under 5% of a full
+        checkpoint for a head, about 20% for EfficientNet-Lite0's last block).
         """
         save_checkpoint(self, save_directory, base)
         if push_to_hub:

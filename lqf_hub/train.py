@@ -53,7 +53,8 @@ class TrainingArguments:
     eval_batch_size: int = field(default=256, metadata={"help": "Batch size for evaluation and caching."})
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Step size; None: 1 / the largest eigenvalue of the preconditioned Hessian (power iteration)."},
+        metadata={"help": "Step size; None: (1 - momentum) / the largest eigenvalue of the preconditioned mini-batch "
+                         "Hessian (Lanczos)."},
     )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
     lr_schedule: str = field(default="cosine", metadata={"help": "'cosine' (decays to 0) or 'constant'."})

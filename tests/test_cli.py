@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from lqf_hub import LQFModel
 from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint, load_legacy_checkpoint
+from lqf_hub.baselines import accuracy
 from lqf_hub.cli import main
+from lqf_hub.data import load_image_dataset, with_transform
 
 # The default job, scaled to seconds: same model and pipeline, fewer images, smaller inputs.
 TINY = ["--dataset", "mnist-5k", "--shots", "4", "--eval-per-class", "3", "--image-size", "32", "--epochs", "2",
@@ -45,10 +47,12 @@ def test_train_writes_checkpoint_card_metrics_and_curves(trained):
     assert "| accuracy |" in (trained / "model" / "README.md").read_text()
 
 
-def test_eval_reproduces_the_training_accuracy(trained, capsys, tmp_path):
+def test_eval_matches_the_model_run_directly(trained, capsys, tmp_path):
     code, out, _ = run(capsys, "eval", "--model", str(trained), "--dataset", "mnist-5k", "--format", "json")
     result = json.loads(out)
-    assert code == 0 and result["samples"] == 1000 and 0 <= result["accuracy"] <= 1
+    model = LQFModel.from_pretrained(trained / "model")
+    test = with_transform(load_image_dataset("mnist-5k", "test"), model.data_config)
+    assert code == 0 and result["samples"] == 1000 and result["accuracy"] == accuracy(model, test)
 
 
 def test_predict_bundled_photos_with_the_imagenet_model(capsys, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import pretrained_network
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 
 from lqf_hub import LQFConfig, LQFModel
 from lqf_hub.train import LQFTrainer, TrainingArguments, TrainingDiverged
