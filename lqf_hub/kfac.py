@@ -216,7 +216,7 @@ class KFAC:
         deltas: Mapping[str, Tensor],
         *,
         ridge: float,
-        damping: float = 1e-3,
+        damping: float,
         outputs: str = "exact",
         samples: int = 1,
         seed: int = 0,

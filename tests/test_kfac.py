@@ -218,8 +218,8 @@ def test_state_dict_round_trip_preconditions_identically():
 def test_errors():
     net = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="`outputs` must be 'exact' or 'sampled'"):
-        KFAC(dict(net.named_parameters()), _deltas(net), ridge=0.0, outputs="all")
-    kfac = KFAC(dict(net.named_parameters()), _deltas(net), ridge=0.0)
+        KFAC(dict(net.named_parameters()), _deltas(net), ridge=0.0, damping=1.0, outputs="all")
+    kfac = KFAC(dict(net.named_parameters()), _deltas(net), ridge=0.0, damping=1.0)
     with pytest.raises(RuntimeError, match="finalize"):
         kfac.precondition({})
     with pytest.raises(RuntimeError, match="saw no samples"):
