@@ -1,8 +1,18 @@
 """lqf-hub: Linear Quadratic Fine-Tuning for timm and Hugging Face vision models."""
 
-from .config import LQFConfig
-from .model import LQFModel
-from .train import LQFTrainer, TrainingArguments, TrainingDiverged
+from importlib.metadata import PackageNotFoundError, version
 
-__version__ = "0.1.0"
-__all__ = ["LQFConfig", "LQFModel", "LQFTrainer", "TrainingArguments", "TrainingDiverged", "__version__"]
+from .config import LQFConfig
+from .errors import CheckpointError, CurvatureError, LQFError, TrainingDiverged
+from .model import LQFModel
+from .train import LQFTrainer, TrainingArguments
+
+try:
+    __version__ = version("lqf-hub")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "CheckpointError", "CurvatureError", "LQFConfig", "LQFError", "LQFModel", "LQFTrainer", "TrainingArguments",
+    "TrainingDiverged", "__version__",
+]

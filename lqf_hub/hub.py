@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import FORMAT_VERSION, LQFConfig
+from .errors import CheckpointError
 
 if TYPE_CHECKING:
     from .model import LQFModel
@@ -34,10 +35,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "lqf.md"
 BASES = ("full", "reference")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, corrupt, incompatible. Nothing was loaded."""
 
 
 # ------------------------------------------------------------------------------------------- save

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .data import collate
+from .errors import TrainingDiverged
 from .kfac import KFAC, condition_number
 from .loss import Loss, data_loss, ridge_penalty
 from .curvature import hessian_vector_product, largest_eigenvalue
@@ -39,10 +40,6 @@ def process_state() -> PartialState:
     otherwise accelerate (seen with 1.15) turns a multi-process `accelerate launch` on a CPU-only machine
     into N unconnected single-process runs."""
     return PartialState(cpu=not torch.accelerator.is_available())
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became non-finite or exploded; the last good checkpoint is kept."""
 
 
 @dataclass
