@@ -5,7 +5,7 @@ stratified test subset, one seed. Methods:
   probe   logistic regression on the frozen pre-logit features (L-BFGS)
   lqf     the linearized model trained with lqf-hub's trainer (K-FAC, MSE, automatic step size)
   ft      ordinary fine-tuning of every weight (SGD, cross-entropy)
-``--grid key=v1,v2 ...`` runs LQF over the product of LQFConfig / TrainingArguments values.
+``--grid key=v1,v2 ...`` runs LQF over the product of LQFConfig / LQFTrainingArguments values.
 
     python benchmarks/transfer.py --dataset fashion-mnist --shots 100 --methods probe lqf ft
     python benchmarks/transfer.py --dataset mnist-5k --shots 10 100 --methods lqf \\
@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 
-from lqf_hub import LQFConfig, LQFModel
 from lqf_hub.baselines import accuracy, fine_tune, probe_accuracy
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
-from lqf_hub.train import LQFTrainer, TrainingArguments, TrainingDiverged
+from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, TrainingDiverged
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(LQFConfig)}
-TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+TRAINING_FIELDS = {f.name for f in dataclasses.fields(LQFTrainingArguments)}
 
 
 def _value(key: str, text: str):
@@ -47,7 +46,7 @@ def _grid(specs: list[str]) -> list[dict]:
     for spec in specs:
         key, _, options = spec.partition("=")
         if key not in CONFIG_FIELDS | TRAINING_FIELDS:
-            raise SystemExit(f"--grid key {key!r} is neither an LQFConfig nor a TrainingArguments field")
+            raise SystemExit(f"--grid key {key!r} is neither an LQFConfig nor a LQFTrainingArguments field")
         keys.append(key)
         values.append([_value(key, v) for v in options.split(",")])
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
@@ -58,7 +57,7 @@ def run_lqf(settings: dict, train, test, num_classes: int, args) -> dict:
     model = LQFModel.from_timm(args.backbone, num_classes, config)
     model.set_image_size(args.image_size)
     with tempfile.TemporaryDirectory() as out:
-        training = TrainingArguments(
+        training = LQFTrainingArguments(
             output_dir=out, epochs=args.epochs, batch_size=args.batch_size, progress=False, eval_every=args.epochs,
             save_every=args.epochs,
             **{k: v for k, v in settings.items() if k in TRAINING_FIELDS},
@@ -86,7 +85,7 @@ def run_probe(trainer: LQFTrainer | None, train, test, num_classes: int, args) -
         model = LQFModel.from_timm(args.backbone, num_classes, LQFConfig(linearize="head"))
         model.set_image_size(args.image_size)
         trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
-                             TrainingArguments(output_dir=tempfile.mkdtemp(), progress=False))
+                             LQFTrainingArguments(output_dir=tempfile.mkdtemp(), progress=False))
     acc = probe_accuracy(trainer.features("train"), trainer.features("eval"), num_classes)
     return {"accuracy": acc, "seconds": time.perf_counter() - started}
 

@@ -4,7 +4,7 @@
     python examples/quickstart.py
 """
 
-from lqf_hub import LQFConfig, LQFModel, LQFTrainer, TrainingArguments
+from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub.data import class_names, load_image_dataset, sample_shots, with_transform
 
 
@@ -19,7 +19,7 @@ def main() -> None:
     model.set_image_size(96)
     print(f"{len(model.delta)} tensors linearized ({sum(d.numel() for d in model.delta.values()) / 1e6:.2f}M weights)")
 
-    args = TrainingArguments(output_dir="quickstart-output", epochs=10, batch_size=25, eval_every=10)
+    args = LQFTrainingArguments(output_dir="quickstart-output", epochs=10, batch_size=25, eval_every=10)
     trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config), args)
     history = trainer.train()
     print(f"test accuracy: {history[-1]['eval_accuracy']:.1%}")

@@ -10,7 +10,7 @@ ConvNeXt from its config (random weights) to show the same code path without dow
 
 import argparse
 
-from lqf_hub import LQFConfig, LQFModel, LQFTrainer, TrainingArguments
+from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub.data import class_names, load_image_dataset, sample_shots, with_transform
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     if args.offline:
         model.set_image_size(64)
     trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
-                         TrainingArguments(output_dir="transformers-output", epochs=5, batch_size=20, eval_every=5))
+                         LQFTrainingArguments(output_dir="transformers-output", epochs=5, batch_size=20, eval_every=5))
     print(f"test accuracy: {trainer.train()[-1]['eval_accuracy']:.1%}")
     model.save_pretrained("transformers-output/model")
 

@@ -3,9 +3,10 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .config import LQFConfig
+from .data import class_names, image_transform, load_image_dataset, sample_shots, split_validation, with_transform
 from .errors import CheckpointError, CurvatureError, LQFError, TrainingDiverged
 from .model import LQFModel
-from .train import LQFTrainer, TrainingArguments
+from .train import LQFTrainer, LQFTrainingArguments
 
 try:
     __version__ = version("lqf-hub")
@@ -13,6 +14,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
-    "CheckpointError", "CurvatureError", "LQFConfig", "LQFError", "LQFModel", "LQFTrainer", "TrainingArguments",
-    "TrainingDiverged", "__version__",
+    "CheckpointError", "CurvatureError", "LQFConfig", "LQFError", "LQFModel", "LQFTrainer", "LQFTrainingArguments",
+    "TrainingDiverged", "__version__", "class_names", "image_transform", "load_image_dataset", "sample_shots",
+    "split_validation", "with_transform",
 ]

@@ -2,37 +2,38 @@
 
 The recipe of the paper: squared loss to α·one-hot targets with a ridge towards w0, gradients
 preconditioned by K-FAC computed once at w0, SGD with momentum. The frozen trunk's outputs are computed
-once and cached when the data is not augmented, so an epoch costs only the linearized tail.
+once and cached when the data is not augmented (``cache.py``), so an epoch costs only the linearized tail.
 ``batch_size`` is the global batch: every process takes its slice, so results do not depend on the
-number of processes.
+number of processes. The run ends with the model saved to ``output_dir/model`` (card included) and,
+if asked, pushed to the Hub.
 """
 
 import dataclasses
+import enum
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from .cache import TrunkCache, cache_trunk_outputs, dataset_fingerprint
+from .checkpoint import TrainerState, load_trainer_checkpoint, prune_checkpoints, save_trainer_checkpoint
+from .config import _choice
+from .curvature import hessian_vector_product, largest_eigenvalue
 from .data import collate
-from .errors import TrainingDiverged
+from .errors import CheckpointError, TrainingDiverged
+from .files import atomic_write_text
 from .kfac import KFAC, condition_number
 from .loss import Loss, data_loss, ridge_penalty
-from .curvature import hessian_vector_product, largest_eigenvalue
 from .model import LQFModel
-
-STATE_FILE = "trainer_state.json"
 
 
 def process_state() -> PartialState:
@@ -42,33 +43,62 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
+class Schedule(str, enum.Enum):
+    COSINE = "cosine"  # decays to 0 over the run
+    CONSTANT = "constant"
+
+
+class Preconditioner(str, enum.Enum):
+    KFAC = "kfac"
+    NONE = "none"  # plain SGD (ablation)
+
+
+class KFACOutputs(str, enum.Enum):
+    AUTO = "auto"  # exact up to 32 classes, sampled above
+    EXACT = "exact"  # one backward pass per class
+    SAMPLED = "sampled"  # one Gaussian output vector per sample
+
+
+class MixedPrecision(str, enum.Enum):
+    NO = "no"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class SavedBase(str, enum.Enum):
+    FULL = "full"  # the linearization point is stored with δ
+    REFERENCE = "reference"  # δ and the head only, plus the base's id and sha256
+
+
 @dataclass
-class TrainingArguments:
-    output_dir: str = field(default="lqf-output", metadata={"help": "Where checkpoints and metrics go."})
+class LQFTrainingArguments:
+    """How an :class:`LQFTrainer` runs. The command line (``lqf-hub train``) offers every field as an option."""
+
+    output_dir: str = field(default="lqf-output", metadata={"help": "Where the model, metrics and checkpoints go."})
     epochs: int = field(default=10, metadata={"help": "Passes over the training set."})
     batch_size: int = field(default=32, metadata={"help": "Global batch size (split across processes)."})
     eval_batch_size: int = field(default=256, metadata={"help": "Batch size for evaluation and caching."})
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Step size; None: (1 - momentum) / the largest eigenvalue of the preconditioned mini-batch "
-                         "Hessian (Lanczos)."},
+        metadata={"help": "Step size; unset: (1 - momentum) / the largest eigenvalue of the preconditioned "
+                          "mini-batch Hessian (Lanczos)."},
     )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
-    lr_schedule: str = field(default="cosine", metadata={"help": "'cosine' (decays to 0) or 'constant'."})
-    preconditioner: str = field(default="kfac", metadata={"help": "'kfac' or 'none' (plain SGD, ablation)."})
+    lr_schedule: str = field(default="cosine", metadata={"help": "Step-size schedule.", "choices": Schedule})
+    preconditioner: str = field(default="kfac", metadata={"help": "Gradient preconditioner.", "choices": Preconditioner})
     damping: float = field(
-        default=1.0, metadata={"help": "K-FAC damping, relative to each block's mean eigenvalue (measured best 0.1-1)."}
+        default=1.0, metadata={"help": "K-FAC damping, relative to each block's mean eigenvalue."}
     )
     kfac_batches: int = field(default=8, metadata={"help": "Batches used to estimate the curvature at w0."})
     kfac_outputs: str = field(
-        default="auto", metadata={"help": "'exact' (one backward pass per class), 'sampled', or 'auto' (exact up to 32)."}
+        default="auto", metadata={"help": "How K-FAC back-propagates the outputs.", "choices": KFACOutputs}
     )
-    loss: str = field(default="mse", metadata={"help": "'mse' (LQF) or 'cross_entropy' (ablation)."})
+    loss: str = field(default="mse", metadata={"help": "'mse' (LQF) or 'cross_entropy' (ablation).", "choices": Loss})
     cache_trunk: bool = field(default=True, metadata={"help": "Cache the frozen trunk's outputs (no augmentation)."})
     cache_in_memory_gb: float = field(default=4.0, metadata={"help": "Larger caches go to a memory-mapped file."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (Accelerate)."})
+    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision.", "choices": MixedPrecision})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
-    seed: int = field(default=0, metadata={"help": "Seed of data order and curvature sampling."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order and curvature sampling."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers when images are decoded per step."})
     divergence_factor: float = field(default=100.0, metadata={"help": "Stop if the loss exceeds this x the first."})
     report_to: str | None = field(default=None, metadata={"help": "Accelerate trackers ('all', 'tensorboard', ...)."})
@@ -76,29 +106,42 @@ class TrainingArguments:
     eval_every: int = field(default=1, metadata={"help": "Evaluate every this many epochs (and the last)."})
     save_every: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (and the last)."})
     progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars (main process)."})
+    save_base: str = field(
+        default="full", metadata={"help": "What the saved model stores besides delta and head.", "choices": SavedBase}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final model to the Hugging Face Hub."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo to push to, e.g. user/my-lqf-model (default: output_dir's name)."}
+    )
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in user's)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Name of the dataset, for the model card."})
+    eval_split_name: str = field(default="eval", metadata={"help": "Name of the evaluation split, for the model card."})
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "kfac_batches", "gradient_accumulation_steps", "save_every",
-                     "eval_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "kfac_batches", "gradient_accumulation_steps",
+                     "save_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` must be > 0 (or None for automatic), got {self.learning_rate}.")
-        Loss(self.loss)
-        if self.preconditioner not in ("kfac", "none"):
-            raise ValueError(f"`preconditioner` must be 'kfac' or 'none', got {self.preconditioner!r}.")
-        if self.kfac_outputs not in ("auto", "exact", "sampled"):
-            raise ValueError(f"`kfac_outputs` must be 'auto', 'exact' or 'sampled', got {self.kfac_outputs!r}.")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"`lr_schedule` must be 'cosine' or 'constant', got {self.lr_schedule!r}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}.")
+        if not self.damping >= 0:
+            raise ValueError(f"`damping` must be >= 0, got {self.damping}.")
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                setattr(self, f.name, _choice(f.metadata["choices"], f.name, getattr(self, f.name)).value)
 
-    def fingerprint(self, model: LQFModel, num_train: int) -> str:
-        """What a checkpoint must agree on to be resumed (not epochs, output or logging options)."""
-        keep = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("epochs", "output_dir", "resume_from", "report_to", "progress", "num_workers",
-                             "eval_batch_size", "cache_in_memory_gb", "save_every", "eval_every")}
+    def settings_fingerprint(self, model: LQFModel) -> str:
+        """What a checkpoint must agree on to be resumed: the optimisation and the model, not the run's length,
+        output or logging."""
+        ignored = {"epochs", "output_dir", "resume_from", "report_to", "progress", "num_workers", "eval_batch_size",
+                   "cache_in_memory_gb", "save_every", "eval_every", "save_base", "push_to_hub", "hub_model_id",
+                   "hub_private_repo", "hub_token", "dataset_name", "eval_split_name"}
+        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
         config = {k: v for k, v in model.config.to_dict().items() if k != "id2label"}
-        blob = json.dumps({"args": keep, "config": config, "num_train": num_train}, sort_keys=True, default=str)
+        blob = json.dumps({"args": kept, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -119,43 +162,12 @@ class _EpochPermutation(Sampler[int]):
         return self.size
 
 
-class _Indexed(Dataset):
-    """Items with their index, so per-process results can be gathered back in order."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        return i, self.dataset[i]
-
-
-def _collate_indexed(items):
-    indices, rest = zip(*items)
-    pixels, labels = collate(list(rest))
-    return torch.tensor(indices), pixels, labels
-
-
-class _Features(Dataset):
-    """Rows of a trunk-output cache (in memory or memory-mapped) with their labels."""
-
-    def __init__(self, values, labels: torch.Tensor) -> None:
-        self.values, self.labels = values, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return torch.as_tensor(np.asarray(self.values[i])), self.labels[i]
-
-
 class LQFTrainer:
     """Fit the δ of an :class:`LQFModel` on an image dataset (items ``{"pixel_values", "label"}``).
 
-    ``inputs(split)`` gives what the model is fed (cached trunk outputs, computed once), ``features(split)``
-    the pre-logit features at w0 (for linear probes on exactly the same data).
+    ``train()`` ends with the model in ``output_dir/model`` (config, safetensors, a card with the results)
+    and, with ``push_to_hub``, on the Hub. ``inputs(split)`` gives what the model is fed (cached trunk
+    outputs, computed once), ``features(split)`` the pre-logit features at w0 (for linear probes).
     """
 
     def __init__(
@@ -163,10 +175,10 @@ class LQFTrainer:
         model: LQFModel,
         train_dataset: Dataset,
         eval_dataset: Dataset | None = None,
-        args: TrainingArguments | None = None,
+        args: LQFTrainingArguments | None = None,
     ) -> None:
         self.model, self.train_dataset, self.eval_dataset = model, train_dataset, eval_dataset
-        self.args = args or TrainingArguments()
+        self.args = args or LQFTrainingArguments()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None and len(dataset) == 0:
                 raise ValueError(f"`{name}` is empty; check the split and the --shots / filtering options.")
@@ -184,50 +196,40 @@ class LQFTrainer:
             )
         self.output_dir = Path(self.args.output_dir)
         self.history: list[dict[str, Any]] = []
+        self.learning_rate: float | None = None
         self._inputs: dict[str, Dataset] = {}
+        self._batches: list[torch.Tensor] | None = None  # the curvature batches, trunk outputs
 
     # ------------------------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
-        """Run (or resume) training; returns one metrics dict per epoch."""
+        """Run (or resume) training, save the model to ``output_dir/model``; returns one metrics dict per epoch."""
         args, acc = self.args, self.accelerator
         set_seed(args.seed)
         model = self.model.to(acc.device)
-        fingerprint = args.fingerprint(model, len(self.train_dataset))
-        start_epoch, self.history, learning_rate = self._check_resume(fingerprint)
+        settings = args.settings_fingerprint(model)
+        saved, resumed = self._load_resume(settings)  # settings first: refuse before the (long) caching
         train_data = self.inputs("train")
+        data = train_data.fingerprint if isinstance(train_data, TrunkCache) else dataset_fingerprint(train_data)
+        if resumed is not None and resumed.data_fingerprint != data:
+            raise CheckpointError(
+                f"Checkpoint {args.resume_from} was trained on another training set (other images, labels or "
+                "preprocessing); resume with the same data or start a new run in another --output-dir."
+            )
         eval_data = None if self.eval_dataset is None else self.inputs("eval")
-
-        outputs = args.kfac_outputs if args.kfac_outputs != "auto" else "exact" if model.num_classes <= 32 else "sampled"
-        kfac = KFAC(
-            model.linearization_point, model.linearized_parameters, ridge=model.config.ridge,
-            damping=args.damping, outputs=outputs, seed=args.seed,
-        ) if args.preconditioner == "kfac" else None
-        if kfac is not None:
-            acc.register_for_checkpointing(kfac)
-        if not args.resume_from:
-            batches = self._curvature_batches(train_data)
-            if kfac is not None:
-                for z in batches:
-                    kfac.accumulate(model.tail_function(z), z.shape[0])
-                kfac.finalize(lambda t: acc.reduce(t.to(acc.device), "sum"))
-            learning_rate = args.learning_rate or self._step_size(kfac, batches)
-        self.learning_rate = learning_rate
-        optimizer = torch.optim.SGD(model.delta.parameters(), lr=learning_rate, momentum=args.momentum)
+        kfac = self._preconditioner(saved)
+        self.learning_rate = resumed.learning_rate if resumed else args.learning_rate or self._step_size(kfac)
+        optimizer = torch.optim.SGD(model.delta.parameters(), lr=self.learning_rate, momentum=args.momentum)
         # full batches only: a small last batch would weigh its samples more and destabilise momentum SGD
         loader = DataLoader(train_data, batch_size=min(args.batch_size, len(train_data)),
                             sampler=_EpochPermutation(len(train_data), args.seed),
                             collate_fn=self._collate, num_workers=args.num_workers, drop_last=True)
+        start_epoch, step = 0, 0
+        if resumed is not None:
+            start_epoch, step, self.history = resumed.epoch, resumed.step, resumed.history
+            _restore(model, optimizer, saved)
+        ddp_model, prepared_optimizer, loader = acc.prepare(model, optimizer, loader)
+        self._start_log()
         total_steps = args.epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(args.lr_schedule, total_steps))
-        ddp_model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
-        if args.resume_from:
-            acc.load_state(args.resume_from)
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if not args.resume_from:
-                (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
-            acc.init_trackers("lqf", config={k: str(v) for k, v in dataclasses.asdict(args).items()})
-
         first_loss = self.history[0]["train_loss_first_batch"] if self.history else None
         for epoch in range(start_epoch, args.epochs):
             loader.set_epoch(epoch)  # the prepared loader passes it on to the sampler; it would count from 0 on resume
@@ -242,17 +244,20 @@ class LQFTrainer:
                     loss = data_loss(logits, labels, model.config.target_scale, Loss(args.loss))
                     total = loss + ridge_penalty(model.delta.values(), model.config.ridge)
                     acc.backward(total)
-                    if acc.sync_gradients and kfac is not None:
-                        kfac.precondition({n: d.grad for n, d in model.linearized_parameters.items()})
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if acc.sync_gradients:
+                        if kfac is not None:
+                            kfac.precondition({n: d.grad for n, d in model.linearized_parameters.items()})
+                        for group in optimizer.param_groups:
+                            group["lr"] = self.learning_rate * _schedule(args.lr_schedule, step, total_steps)
+                        step += 1
+                    prepared_optimizer.step()
+                    prepared_optimizer.zero_grad(set_to_none=True)
                 value = float(acc.reduce(total.detach(), "mean"))
                 first_loss = first_loss if first_loss is not None else value
                 self._guard(value, first_loss, epoch)
                 losses.append(value)
                 bar.set_postfix(loss=f"{value:.4f}")
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_loss_first_batch": first_loss,
+            record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "train_loss_first_batch": first_loss,
                       "learning_rate": self.learning_rate, "seconds": time.perf_counter() - started}
             if kfac is not None and epoch == 0:
                 record["kfac_condition_number"] = condition_number(kfac)
@@ -261,12 +266,58 @@ class LQFTrainer:
                 record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
             self._log(record)
             if (epoch + 1) % args.save_every == 0 or last:
-                self._checkpoint(epoch + 1, fingerprint)
+                self._checkpoint(TrainerState(epoch + 1, step, self.learning_rate, settings, data, self.history),
+                                 _state_tensors(model, optimizer, kfac))
+        self._finish()
+        return self.history
+
+    def _finish(self) -> None:
+        """Curves, the model with its training summary, the Hub."""
+        acc = self.accelerator
+        self.model.training_summary = self._summary()
         if acc.is_main_process:
             plot_history(self.history, self.output_dir / "curves.png")
+        self.save_model()
+        if self.args.push_to_hub:
+            self.push_to_hub()
         for tracker in acc.trackers:  # not end_training(): it ends the process group that evaluate() still needs
             tracker.finish()
-        return self.history
+
+    def _summary(self) -> dict[str, Any]:
+        """What the model card and config.json say about this run."""
+        final, args, model = self.history[-1], self.args, self.model
+        name = model.config.backbone_name or "model"
+        summary = {
+            "name": f"LQF {name} on {args.dataset_name}" if args.dataset_name else f"LQF {name}",
+            "dataset": args.dataset_name, "eval_split": args.eval_split_name,
+            "train_samples": len(self.train_dataset), "epochs": final["epoch"], "learning_rate": final["learning_rate"],
+            "train_loss": final["train_loss"], "metrics": {},
+        }
+        if self.eval_dataset is not None and "eval_accuracy" in final:
+            summary["eval_samples"] = len(self.eval_dataset)
+            summary["metrics"] = {"accuracy": final["eval_accuracy"], "mse_loss": final["eval_loss"]}
+        return summary
+
+    # ------------------------------------------------------------------------------- the artifact
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """Save the model (main process) to ``output_dir`` (default ``args.output_dir/model``); returns the path."""
+        directory = Path(output_dir) if output_dir is not None else self.output_dir / "model"
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(directory, base=self.args.save_base)
+        self.accelerator.wait_for_everyone()
+        return directory
+
+    def push_to_hub(self, repo_id: str | None = None, commit_message: str = "Upload LQF model") -> str | None:
+        """Push the model to ``repo_id`` (default ``hub_model_id`` or the output directory's name); the commit URL
+        on the main process, None on the others."""
+        args = self.args
+        url = None
+        if self.accelerator.is_main_process:
+            url = self.model.push_to_hub(repo_id or args.hub_model_id or self.output_dir.resolve().name,
+                                         base=args.save_base, private=args.hub_private_repo or None,
+                                         token=args.hub_token, commit_message=commit_message)
+        self.accelerator.wait_for_everyone()
+        return url
 
     # --------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -285,12 +336,7 @@ class LQFTrainer:
             count += len(labels)
         return {"accuracy": correct / count, "loss": loss_sum / count}
 
-    # ---------------------------------------------------------------------------------- helpers
-    def _collate(self, items):
-        values, labels = collate(items)
-        key = "trunk_output" if self.args.cache_trunk else "pixel_values"
-        return {key: values}, labels
-
+    # ------------------------------------------------------------------------------------- data
     def inputs(self, split: str) -> Dataset:
         """What the model is fed for ``split`` ("train" or "eval"): the cached trunk outputs (items
         ``(trunk_output, label)``) when ``cache_trunk`` is on, else the dataset itself. Computed once."""
@@ -298,7 +344,15 @@ class LQFTrainer:
             dataset = {"train": self.train_dataset, "eval": self.eval_dataset}[split]
             if dataset is None:
                 raise ValueError("This trainer has no eval_dataset.")
-            self._inputs[split] = self._cache(dataset, split) if self.args.cache_trunk else dataset
+            if self.args.cache_trunk:
+                args = self.args
+                dataset = cache_trunk_outputs(
+                    self.model.to(self.accelerator.device), dataset, self.accelerator, batch_size=args.eval_batch_size,
+                    num_workers=args.num_workers, name=split, memory_limit_gb=args.cache_in_memory_gb,
+                    spill_dir=self.output_dir / "cache", progress=args.progress,
+                )
+                self._check_labels(dataset.labels, split)
+            self._inputs[split] = dataset
         return self._inputs[split]
 
     @torch.no_grad()
@@ -311,24 +365,10 @@ class LQFTrainer:
             labels.append(batch_labels)
         return torch.cat(values), torch.cat(labels)
 
-    def _cache(self, dataset: Dataset, split: str) -> Dataset:
-        """Trunk outputs of every item, computed once (split across processes, then gathered)."""
-        acc, model = self.accelerator, self.model
-        loader = acc.prepare_data_loader(DataLoader(_Indexed(dataset), batch_size=self.args.eval_batch_size,
-                                                    collate_fn=_collate_indexed, num_workers=self.args.num_workers))
-        values = labels = None
-        for indices, pixels, batch_labels in tqdm(loader, desc=f"caching {split} trunk outputs",
-                                                  disable=not (self.args.progress and acc.is_main_process)):
-            z = model.encode_trunk(pixels.to(acc.device))
-            indices, z, batch_labels = acc.gather_for_metrics((indices, z, batch_labels))
-            host = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32).cpu().numpy()  # no bf16 in numpy
-            if values is None:
-                values = self._allocate(len(dataset), host.shape[1:], split, host.dtype)
-                labels = torch.empty(len(dataset), dtype=torch.long)
-            values[indices.cpu().numpy()] = host
-            labels[indices.cpu()] = batch_labels.cpu()
-        self._check_labels(labels, split)
-        return _Features(values, labels)
+    def _collate(self, items):
+        values, labels = collate(items)
+        key = "trunk_output" if self.args.cache_trunk else "pixel_values"
+        return {key: values}, labels
 
     def _check_labels(self, labels: torch.Tensor, split: str) -> None:
         bad = labels[(labels < 0) | (labels >= self.model.num_classes)]
@@ -338,30 +378,40 @@ class LQFTrainer:
                 f"the model has num_classes={self.model.num_classes}."
             )
 
-    def _allocate(self, rows: int, shape: torch.Size, split: str, dtype) -> np.ndarray:
-        size = rows * math.prod(shape) * np.dtype(dtype).itemsize
-        if size <= self.args.cache_in_memory_gb * 2**30:
-            return np.empty((rows, *shape), dtype=dtype)
-        path = self.output_dir / "cache" / f"{split}-{os.getpid()}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))
+    # -------------------------------------------------------------------------------- curvature
+    def _preconditioner(self, saved: dict[str, torch.Tensor]) -> KFAC | None:
+        """K-FAC at w0: computed once from the first ``kfac_batches`` batches, or restored from a checkpoint."""
+        args, acc, model = self.args, self.accelerator, self.model
+        if args.preconditioner == Preconditioner.NONE.value:
+            return None
+        outputs = args.kfac_outputs if args.kfac_outputs != "auto" else "exact" if model.num_classes <= 32 else "sampled"
+        kfac = KFAC(model.linearization_point, model.linearized_parameters, ridge=model.config.ridge,
+                    damping=args.damping, outputs=outputs, seed=args.seed)
+        if saved:
+            kfac.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("kfac/")})
+            return kfac
+        for z in self._curvature_batches():
+            kfac.accumulate(model.tail_function(z), z.shape[0])
+        kfac.finalize(lambda t: acc.reduce(t.to(acc.device), "sum"))
+        return kfac
 
-    def _curvature_batches(self, train_data: Dataset) -> list[torch.Tensor]:
+    def _curvature_batches(self) -> list[torch.Tensor]:
         """The first ``kfac_batches`` batches (fixed order) as trunk outputs: for K-FAC and the step size."""
-        acc, model = self.accelerator, self.model
-        loader = acc.prepare_data_loader(DataLoader(train_data, batch_size=min(self.args.batch_size, len(train_data)),
-                                                    sampler=_EpochPermutation(len(train_data), self.args.seed + 10**6),
-                                                    collate_fn=self._collate, drop_last=True))
-        batches = []
-        for inputs, _ in tqdm(loader, total=min(self.args.kfac_batches, len(loader)), desc="curvature at w0",
-                              disable=not (self.args.progress and acc.is_main_process)):
-            z = inputs.get("trunk_output")
-            batches.append(model.encode_trunk(inputs["pixel_values"]) if z is None else z)
-            if len(batches) == self.args.kfac_batches:
-                break
-        return batches
+        acc, model, train_data = self.accelerator, self.model, self.inputs("train")
+        if self._batches is None:
+            loader = acc.prepare_data_loader(DataLoader(
+                train_data, batch_size=min(self.args.batch_size, len(train_data)), collate_fn=self._collate,
+                sampler=_EpochPermutation(len(train_data), self.args.seed + 10**6), drop_last=True))
+            self._batches = []
+            for inputs, _ in tqdm(loader, total=min(self.args.kfac_batches, len(loader)), desc="curvature at w0",
+                                  disable=not (self.args.progress and acc.is_main_process)):
+                z = inputs.get("trunk_output")
+                self._batches.append(model.encode_trunk(inputs["pixel_values"]) if z is None else z)
+                if len(self._batches) == self.args.kfac_batches:
+                    break
+        return self._batches
 
-    def _step_size(self, kfac: KFAC | None, batches: list[torch.Tensor]) -> float:
+    def _step_size(self, kfac: KFAC | None) -> float:
         """``(1 − momentum) / λ``, λ the largest eigenvalue of the preconditioned *mini-batch* Hessian
         ``P^-½ H_b P^-½`` (Lanczos), maximised over a few batches.
 
@@ -373,7 +423,7 @@ class LQFTrainer:
         acc, model = self.accelerator, self.model
         reduce = (lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else (lambda t: t)
         largest = 0.0
-        for z in batches[: self._LANCZOS_BATCHES]:
+        for z in self._curvature_batches()[: self._LANCZOS_BATCHES]:
 
             def operator(vector, z=z):
                 vector = {n: v.clone() for n, v in vector.items()}
@@ -390,6 +440,40 @@ class LQFTrainer:
         return (1.0 - self.args.momentum) / largest
 
     _LANCZOS_BATCHES = 2
+
+    # ------------------------------------------------------------------------------ persistence
+    def _load_resume(self, settings: str) -> tuple[dict[str, torch.Tensor], TrainerState | None]:
+        """The checkpoint to resume from (tensors, state), validated against this run; ``({}, None)`` for a new run."""
+        if not self.args.resume_from:
+            return {}, None
+        tensors, state = load_trainer_checkpoint(self.args.resume_from)
+        if state.settings_fingerprint != settings:
+            raise CheckpointError(
+                f"Checkpoint {self.args.resume_from} was written with another model config or training options; "
+                "resume with the same settings or start a new run in another --output-dir."
+            )
+        expected = {f"delta/{n}": d.shape for n, d in self.model.linearized_parameters.items()}
+        wrong = [k for k, shape in expected.items() if k not in tensors or tensors[k].shape != shape]
+        if wrong:
+            raise CheckpointError(f"Checkpoint {self.args.resume_from} does not fit this model ({wrong[0]}).")
+        return tensors, state
+
+    def _start_log(self) -> None:
+        """``metrics.jsonl`` holds exactly the epochs of ``history`` (a resumed run drops what came after)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+            acc.init_trackers("lqf", config={k: str(v) for k, v in dataclasses.asdict(self.args).items()
+                                             if k != "hub_token"})
+
+    def _checkpoint(self, state: TrainerState, tensors: dict[str, torch.Tensor]) -> None:
+        """Save the state after ``state.epoch``; keep this and the previous checkpoint."""
+        if self.accelerator.is_main_process:
+            parent = self.output_dir / "checkpoints"
+            save_trainer_checkpoint(parent / f"epoch-{state.epoch}", tensors, state)
+            prune_checkpoints(parent, keep=2, protect=Path(self.args.resume_from) if self.args.resume_from else None)
+        self.accelerator.wait_for_everyone()
 
     def _guard(self, loss: float, first: float, epoch: int) -> None:
         if not math.isfinite(loss) or loss > self.args.divergence_factor * max(first, 1e-12):
@@ -410,48 +494,45 @@ class LQFTrainer:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
         tqdm.write(f"epoch {record['epoch']}: {summary}")
 
-    def _checkpoint(self, epoch: int, fingerprint: str) -> None:
-        """Save the state after ``epoch``; keep this and the previous checkpoint."""
-        directory = self.output_dir / "checkpoints" / f"epoch-{epoch}"
-        self.accelerator.save_state(str(directory))
-        if self.accelerator.is_main_process:
-            state = {"epoch": epoch, "fingerprint": fingerprint, "learning_rate": self.learning_rate,
-                     "history": self.history}
-            (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
-            resumed = Path(self.args.resume_from).resolve() if self.args.resume_from else None
-            previous = sorted((p for p in directory.parent.glob("epoch-*") if p != directory),
-                              key=lambda p: int(p.name.split("-")[1]))
-            for old in previous[:-1]:  # keep this and the previous checkpoint
-                if old.resolve() != resumed:
-                    shutil.rmtree(old)
 
-    def _check_resume(self, fingerprint: str) -> tuple[int, list[dict[str, Any]], float | None]:
-        if not self.args.resume_from:
-            return 0, [], None
-        state_file = Path(self.args.resume_from) / STATE_FILE
-        if not state_file.exists():
-            raise ValueError(f"{self.args.resume_from} is not an lqf-hub checkpoint (no {STATE_FILE}).")
-        state = json.loads(state_file.read_text())
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"Checkpoint {self.args.resume_from} was written with another model config, training options or "
-                "training set; resume with the same settings or start a new run in another --output-dir."
-            )
-        return state["epoch"], state["history"], state["learning_rate"]
+def _state_tensors(model: LQFModel, optimizer: torch.optim.SGD, kfac: KFAC | None) -> dict[str, torch.Tensor]:
+    """Everything a resumed run needs as tensors: δ, momentum buffers, K-FAC."""
+    tensors = {}
+    for name, delta in model.linearized_parameters.items():
+        tensors[f"delta/{name}"] = delta.detach()
+        buffer = optimizer.state.get(delta, {}).get("momentum_buffer")
+        if buffer is not None:
+            tensors[f"momentum/{name}"] = buffer
+    if kfac is not None:
+        tensors.update({f"kfac/{k}": v for k, v in kfac.state_dict().items()})
+    return tensors
 
 
-def _schedule(kind: str, total_steps: int):
-    if kind == "constant":
-        return lambda step: 1.0
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+def _restore(model: LQFModel, optimizer: torch.optim.SGD, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, delta in model.linearized_parameters.items():
+            delta.copy_(tensors[f"delta/{name}"])
+            if f"momentum/{name}" in tensors:
+                optimizer.state[delta]["momentum_buffer"] = tensors[f"momentum/{name}"].to(delta)
+
+
+def _schedule(kind: str, step: int, total_steps: int) -> float:
+    """Factor of the step size at optimizer step ``step`` (0-based)."""
+    if kind == Schedule.CONSTANT.value:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy curves per epoch as a PNG."""
+    """Loss and accuracy curves per epoch as a PNG (written atomically)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .files import atomic_write_bytes
 
     evaluated = [r for r in history if "eval_loss" in r]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -463,5 +544,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     ax_loss.legend()
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="eval accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

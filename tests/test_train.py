@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import pretrained_network
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 from torch.func import jacrev
 
-from lqf_hub import LQFConfig, LQFModel
-from lqf_hub.train import LQFTrainer, TrainingArguments, TrainingDiverged
+from lqf_hub import CheckpointError, LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, TrainingDiverged
 
 HERE = Path(__file__).parent
 NUM_CLASSES = 3
@@ -55,7 +57,7 @@ def closed_form(model: LQFModel, data: list[dict]) -> torch.Tensor:
 def train(model, data, tmp_path, name="run", eval_data=None, **args) -> list[dict]:
     args = {"epochs": 30, "batch_size": len(data), "progress": False, "output_dir": str(tmp_path / name),
             "save_every": 1000, **args}
-    return LQFTrainer(model, data, eval_data, TrainingArguments(**args)).train()
+    return LQFTrainer(model, data, eval_data, LQFTrainingArguments(**args)).train()
 
 
 def test_trained_delta_is_the_closed_form_optimum(tmp_path):
@@ -99,33 +101,67 @@ def test_outputs_metrics_curves_and_checkpoints(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-2", "epoch-3"]
 
 
-def test_kill_and_resume_gives_the_same_result(tmp_path, monkeypatch):
-    data = toy_images(16, seed=6)
-    uninterrupted = toy_model()
-    train(uninterrupted, data, tmp_path, "full", batch_size=4, epochs=4, save_every=1)
+def test_train_ships_the_model_with_a_filled_card(tmp_path):
+    model, eval_data = toy_model(torch.float32), toy_images(9, 5)
+    history = train(model, toy_images(12, 4), tmp_path, epochs=2, eval_data=eval_data, dataset_name="toy-shapes",
+                    eval_split_name="validation")
+    saved = LQFModel.from_pretrained(tmp_path / "run" / "model")  # no save_pretrained call by the user
+    x = torch.stack([d["pixel_values"] for d in eval_data])
+    assert torch.equal(saved(x), model(x))
+    summary = saved.training_summary
+    assert summary["metrics"]["accuracy"] == history[-1]["eval_accuracy"] and summary["eval_samples"] == 9
+    card = ModelCard.load(tmp_path / "run" / "model" / "README.md")
+    result = card.data.eval_results[0]
+    assert (result.dataset_name, result.dataset_split, result.metric_type) == ("toy-shapes", "validation", "accuracy")
+    assert result.metric_value == history[-1]["eval_accuracy"]
+    assert f"| accuracy | {history[-1]['eval_accuracy']:.4f} |" in card.text
 
-    original = LQFTrainer._checkpoint
 
-    def checkpoint_then_die(self, epoch, fingerprint):
-        original(self, epoch, fingerprint)
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
+def script_env() -> dict[str, str]:
+    """One thread (reproducible), and this test directory importable beside what the tests import."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
 
-    monkeypatch.setattr(LQFTrainer, "_checkpoint", checkpoint_then_die)
-    interrupted = toy_model()
-    with pytest.raises(KeyboardInterrupt):
-        train(interrupted, data, tmp_path, "split", batch_size=4, epochs=4, save_every=1)
-    monkeypatch.setattr(LQFTrainer, "_checkpoint", original)
-    resumed = toy_model()
-    history = train(resumed, data, tmp_path, "split", batch_size=4, epochs=4, save_every=1,
-                    resume_from=str(tmp_path / "split" / "checkpoints" / "epoch-2"))
-    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
-    torch.testing.assert_close(deltas(resumed), deltas(uninterrupted), rtol=1e-12, atol=1e-14)
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    env = script_env()
+    return subprocess.run([sys.executable, str(HERE / "resumable_train.py"), *argv], env=env, timeout=300,
+                          capture_output=True, text=True)
+
+
+def test_resume_after_kill_9_mid_epoch_is_bit_identical_and_nothing_is_pickled(tmp_path):
+    assert run_script(str(tmp_path / "full"), str(tmp_path / "full.safetensors")).returncode == 0
+    # 16 images, batch 4: 4 steps an epoch; step 10 is in the middle of epoch 3
+    killed = run_script(str(tmp_path / "split"), str(tmp_path / "unused"), "--kill-at-step", "10")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    checkpoints = tmp_path / "split" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch-1", "epoch-2"]  # and no half-written one
+    resumed = run_script(str(tmp_path / "split"), str(tmp_path / "split.safetensors"),
+                         "--resume-from", str(checkpoints / "epoch-2"))
+    assert resumed.returncode == 0, resumed.stderr
+    full, split = (load_file(tmp_path / f"{name}.safetensors")["delta"] for name in ("full", "split"))
+    assert torch.equal(full, split)
+    lines = [json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 3, 4]
+    files = [p for p in (tmp_path / "split").rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".jsonl", ".safetensors", ".png", ".md"}, files
+    for path in files:  # neither a pickle (protocol 2+ starts with 0x80) nor a torch.save zip
+        assert not path.read_bytes().startswith((b"PK", b"\x80")), path
+
+
+def test_resume_on_another_training_set_is_refused(tmp_path):
+    train(toy_model(), toy_images(8, seed=11), tmp_path, "run", epochs=1)
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch-1"
+    other = toy_images(8, seed=12)  # same size, classes and settings; other images
+    with pytest.raises(CheckpointError, match="another training set"):
+        train(toy_model(), other, tmp_path, "run", epochs=2, resume_from=str(checkpoint))
+    relabelled = [{**item, "label": (item["label"] + 1) % NUM_CLASSES} for item in toy_images(8, seed=11)]
+    with pytest.raises(CheckpointError, match="another training set"):
+        train(toy_model(), relabelled, tmp_path, "run", epochs=2, resume_from=str(checkpoint))
 
 
 def test_two_processes_match_one(tmp_path):
     script = HERE / "multiprocess_train.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = script_env()
     single = tmp_path / "single.pt"
     subprocess.run([sys.executable, str(script), str(single), str(tmp_path / "s")], check=True, env=env, timeout=300)
     double = tmp_path / "double.pt"
@@ -140,7 +176,7 @@ def test_two_processes_match_one(tmp_path):
 # ----------------------------------------------------------------------------------- bad input
 def test_empty_dataset():
     with pytest.raises(ValueError, match="`train_dataset` is empty"):
-        LQFTrainer(toy_model(), [], None, TrainingArguments(progress=False))
+        LQFTrainer(toy_model(), [], None, LQFTrainingArguments(progress=False))
 
 
 def test_labels_outside_num_classes(tmp_path):
@@ -173,18 +209,18 @@ def test_resume_with_another_config_is_refused_and_writes_nothing(tmp_path):
 
 def test_argument_validation():
     with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
-        TrainingArguments(batch_size=0)
+        LQFTrainingArguments(batch_size=0)
     with pytest.raises(ValueError, match="`preconditioner` must be 'kfac' or 'none'"):
-        TrainingArguments(preconditioner="shampoo")
+        LQFTrainingArguments(preconditioner="shampoo")
     with pytest.raises(ValueError, match="'mse' is not|is not a valid Loss"):
-        TrainingArguments(loss="hinge")
+        LQFTrainingArguments(loss="hinge")
 
 
 def test_large_caches_go_to_a_memory_mapped_file_with_the_same_result(tmp_path):
     data = toy_images(8, seed=14)
     in_memory, mapped = toy_model(), toy_model()
     train(in_memory, data, tmp_path, "memory", epochs=2)
-    trainer = LQFTrainer(mapped, data, None, TrainingArguments(output_dir=str(tmp_path / "mapped"), epochs=2,
+    trainer = LQFTrainer(mapped, data, None, LQFTrainingArguments(output_dir=str(tmp_path / "mapped"), epochs=2,
                                                                batch_size=8, progress=False, cache_in_memory_gb=0))
     trainer.train()
     assert isinstance(trainer.inputs("train").values, __import__("numpy").memmap)

@@ -1,0 +1,111 @@
+"""The trunk-output cache: the frozen part of the network runs once per image, not once per epoch.
+
+Everything before the first linearized parameter is constant, so its outputs are computed once (split
+across processes, gathered back in order) and kept in memory or in a memory-mapped file. The cache also
+fingerprints what it saw — a sha256 over every image's pixels and label, in order — so a resumed run
+can tell that it is fed the same training set, whatever the number of processes.
+"""
+
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import collate
+from .model import LQFModel
+
+
+class TrunkCache(Dataset):
+    """Rows ``(trunk_output, label)`` of a dataset, computed once. ``values [N, ...]``, ``labels [N]``;
+    ``fingerprint``: sha256 hex of the pixels and labels that were fed."""
+
+    def __init__(self, values: np.ndarray, labels: torch.Tensor, fingerprint: str) -> None:
+        self.values, self.labels, self.fingerprint = values, labels, fingerprint
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.as_tensor(np.asarray(self.values[i])), self.labels[i]
+
+
+@torch.no_grad()
+def cache_trunk_outputs(
+    model: LQFModel, dataset: Dataset, accelerator: Accelerator, *, batch_size: int, num_workers: int = 0,
+    name: str = "train", memory_limit_gb: float = 4.0, spill_dir: Path | None = None, progress: bool = True,
+) -> TrunkCache:
+    """Run the frozen trunk over every item of ``dataset`` (items ``{"pixel_values", "label"}``) once.
+
+    Caches larger than ``memory_limit_gb`` go to a memory-mapped ``spill_dir/<name>-<pid>.npy``.
+    """
+    loader = accelerator.prepare_data_loader(DataLoader(_Indexed(dataset), batch_size=batch_size,
+                                                        collate_fn=_collate_indexed, num_workers=num_workers))
+    values = labels = digests = None
+    for indices, pixels, batch_labels in tqdm(loader, desc=f"caching {name} trunk outputs",
+                                              disable=not (progress and accelerator.is_main_process)):
+        z = model.encode_trunk(pixels.to(accelerator.device))
+        item_digests = _item_digests(pixels, batch_labels).to(accelerator.device)
+        indices, z, batch_labels, item_digests = accelerator.gather_for_metrics((indices, z, batch_labels, item_digests))
+        host = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32).cpu().numpy()  # no bf16 in numpy
+        if values is None:
+            values = _allocate(len(dataset), host.shape[1:], host.dtype, memory_limit_gb, spill_dir, name)
+            labels = torch.empty(len(dataset), dtype=torch.long)
+            digests = torch.empty(len(dataset), item_digests.shape[1], dtype=torch.uint8)
+        rows = indices.cpu()
+        values[rows.numpy()] = host
+        labels[rows] = batch_labels.cpu()
+        digests[rows] = item_digests.cpu()
+    return TrunkCache(values, labels, hashlib.sha256(digests.numpy().tobytes()).hexdigest())
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A fingerprint of a dataset that is read item by item (no cache): a Hugging Face dataset's own
+    fingerprint (it changes with every selection or map), else the class name and length."""
+    own = getattr(dataset, "_fingerprint", None)
+    return own if own else f"{type(dataset).__name__}:{len(dataset)}"
+
+
+def _item_digests(pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sha256 of each image's bytes and label: ``[B, ...], [B] -> [B, 32]`` uint8."""
+    rows = []
+    for image, label in zip(pixels.detach().cpu().contiguous(), labels.cpu()):
+        digest = hashlib.sha256(image.numpy().tobytes())
+        digest.update(str(int(label)).encode())
+        rows.append(torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8))
+    return torch.stack(rows)
+
+
+class _Indexed(Dataset):
+    """Items with their index, so per-process results can be gathered back in order."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return i, self.dataset[i]
+
+
+def _collate_indexed(items):
+    indices, rest = zip(*items)
+    pixels, labels = collate(list(rest))
+    return torch.tensor(indices), pixels, labels
+
+
+def _allocate(
+    rows: int, shape: tuple[int, ...], dtype, memory_limit_gb: float, spill_dir: Path | None, name: str
+) -> np.ndarray:
+    size = rows * math.prod(shape) * np.dtype(dtype).itemsize
+    if size <= memory_limit_gb * 2**30 or spill_dir is None:
+        return np.empty((rows, *shape), dtype=dtype)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    path = spill_dir / f"{name}-{os.getpid()}.npy"
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))
