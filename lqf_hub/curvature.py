@@ -5,11 +5,13 @@ pass and one backward pass per batch. The largest eigenvalue of the precondition
 step size that cannot diverge; influence functions and the dual solve build on the same products.
 """
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .errors import CurvatureError
 from .linearize import linearized
 from .model import LQFModel
 
@@ -29,7 +31,8 @@ def hessian_vector_product(
     for z in batches:
         directions = {n: v.detach().requires_grad_() for n, v in vector.items()}
         tangent = linearized(model.tail_function(z), w0, directions) - model.base_forward(trunk_output=z)
-        grads = torch.autograd.grad(0.5 * tangent.float().square().sum() / total, list(directions.values()))
+        tangent = tangent.to(torch.promote_types(tangent.dtype, torch.float32))  # square half precision in float32
+        grads = torch.autograd.grad(0.5 * tangent.square().sum() / total, list(directions.values()))
         for name, grad in zip(directions, grads):
             result[name] += grad.detach()
     ridge = model.config.ridge
@@ -52,6 +55,8 @@ def largest_eigenvalue(
     for _ in range(iterations):
         w = operator(v)
         alpha = _dot(w, v)
+        if not math.isfinite(alpha):  # a NaN or Inf anywhere in w reaches the dot product
+            raise _non_finite_product(w)
         w = {n: w[n] - alpha * v[n] - (beta * previous[n] if previous is not None else 0) for n in w}
         alphas.append(alpha)
         beta = _norm(w)
@@ -63,6 +68,15 @@ def largest_eigenvalue(
     off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
     tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
     return float(torch.linalg.eigvalsh(tridiagonal).max())
+
+
+def _non_finite_product(product: Vector) -> CurvatureError:
+    names = [n for n, t in product.items() if not bool(torch.isfinite(t).all())]
+    return CurvatureError(
+        f"The Hessian-vector product is not finite (in {', '.join(names[:3]) or 'its inner product'}): the model "
+        "produces non-finite outputs or gradients, or the preconditioner is not finite. Check the inputs for "
+        "NaN/Inf, run the model in float32 or float64, or raise the damping."
+    )
 
 
 def _dot(a: Vector, b: Vector) -> float:

@@ -16,7 +16,8 @@ For the loss ``mean_i ½‖f_lin(x_i) − α·y_i‖² + (λ/2)‖δ‖²`` the 
   batched backward pass per output.
 
 Blocks are inverted through their eigendecompositions with the damping applied to the Kronecker
-eigenvalues exactly: ``(A ⊗ B + γI)⁻¹`` with ``γ = λ + damping · mean eigenvalue of the block``.
+eigenvalues exactly: ``(A ⊗ B + γI)⁻¹`` with ``γ = λ + damping · mean eigenvalue of the block``
+(eigendecompositions in float64; a non-finite factor or result raises CurvatureError naming the layer).
 The layer calls are found by intercepting ``F.linear`` / ``F.conv2d`` (so ``padding='same'`` convs,
 weight sharing and any module structure work) and matching the weight tensor the network received.
 """
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from .errors import CurvatureError
 
 NetworkCall = Callable[[Mapping[str, Tensor]], Tensor]
 
@@ -78,21 +81,58 @@ def kronecker_inverse_apply(
     return basis_b @ rotated @ basis_a.transpose(-1, -2)
 
 
-def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of symmetric ``[groups, k, k]`` matrices.
+def _eigh(matrix: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of symmetric positive semi-definite ``[groups, k, k]`` factors: eigenvalues
+    ``[groups, k]`` (clamped at 0) and orthonormal eigenvectors ``[groups, k, k]``, in ``matrix``'s dtype.
 
-    LAPACK's divide-and-conquer (torch) can fail to converge on rank-deficient factors (few samples,
-    many zero eigenvalues), in float64 too and depending on the thread count; the QR algorithm
-    (scipy's ``ev`` driver) is slower but does not.
+    Computed in float64 on the matrix scaled to max-abs 1 (output-gradient factors have entries of 1e-5).
+    LAPACK's divide-and-conquer (torch) can fail on rank-deficient factors (few samples, many zero
+    eigenvalues), in float64 too and depending on the thread count and device, by raising or by returning
+    NaN without raising; the QR algorithm (scipy's ``ev`` driver) is slower but does not.
+    ``name`` says which factor, for the error.
     """
+    wide = matrix.detach().double()
+    scale = wide.abs().amax(dim=(-2, -1), keepdim=True)
+    scale = torch.where(scale > 0, scale, 1.0)  # a zero matrix: zero eigenvalues, any orthonormal basis
+    scaled = (wide + wide.transpose(-1, -2)) / (2 * scale)
     try:
-        return torch.linalg.eigh(matrix)
+        eigenvalues, vectors = torch.linalg.eigh(scaled)
+        finite = bool(torch.isfinite(eigenvalues).all() & torch.isfinite(vectors).all())
     except torch.linalg.LinAlgError:
-        import scipy.linalg
+        finite = False
+    if not finite:
+        eigenvalues, vectors = _eigh_qr(scaled, name)
+    eigenvalues = (eigenvalues * scale.squeeze(-1)).clamp_min(0)
+    # contiguous: torch returns column-major eigenvectors, which safetensors would refuse
+    return eigenvalues.to(matrix.dtype).contiguous(), vectors.to(matrix.dtype).contiguous()
 
-        pairs = [scipy.linalg.eigh(m, driver="ev") for m in matrix.detach().cpu().double().numpy()]
-        eigenvalues, vectors = (torch.from_numpy(np.stack(part)).to(matrix) for part in zip(*pairs))
-        return eigenvalues, vectors
+
+def _eigh_qr(matrix: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """scipy's QR-algorithm eigendecomposition of float64 ``[groups, k, k]``, returned on ``matrix``'s device."""
+    import scipy.linalg
+
+    failure = CurvatureError(
+        f"Could not eigendecompose the K-FAC {name}: LAPACK returned non-finite values even in float64 with "
+        "the QR algorithm. Please report the model and data; meanwhile train with preconditioner='none'."
+    )
+    try:
+        pairs = [scipy.linalg.eigh(m, driver="ev") for m in matrix.detach().cpu().numpy()]
+    except (scipy.linalg.LinAlgError, ValueError) as error:
+        raise failure from error
+    eigenvalues, vectors = (torch.from_numpy(np.stack(part)).to(matrix.device) for part in zip(*pairs))
+    if not bool(torch.isfinite(eigenvalues).all() & torch.isfinite(vectors).all()):
+        raise failure
+    return eigenvalues, vectors
+
+
+def _require_finite(factor: Tensor, name: str) -> None:
+    """Refuse a non-finite curvature statistic before it reaches LAPACK (one host sync)."""
+    if not bool(torch.isfinite(factor).all()):
+        raise CurvatureError(
+            f"The K-FAC {name} is not finite: the data or the model produce non-finite activations or "
+            "gradients. Check the inputs for NaN/Inf and run the model in float32 or float64 rather than "
+            "half precision."
+        )
 
 
 def _append_ones(rows: Tensor) -> Tensor:
@@ -323,13 +363,16 @@ class KFAC:
             rows = float(reduce_sum(torch.tensor([block.a_count], dtype=torch.float64)).item())
             a = reduce_sum(block.a_sum) / rows  # mean over samples and locations
             b = reduce_sum(block.b_sum) / n  # sum over locations and outputs, mean over samples
-            eig_a, basis_a = _eigh(a)
-            eig_b, basis_b = _eigh(b)
-            eig = {"eig_a": eig_a.clamp_min(0), "basis_a": basis_a, "eig_b": eig_b.clamp_min(0), "basis_b": basis_b}
+            _require_finite(a, f"input factor A of {block.weight}")
+            _require_finite(b, f"output-gradient factor B of {block.weight}")
+            eig_a, basis_a = _eigh(a, f"input factor A of {block.weight}")
+            eig_b, basis_b = _eigh(b, f"output-gradient factor B of {block.weight}")
+            eig = {"eig_a": eig_a, "basis_a": basis_a, "eig_b": eig_b, "basis_b": basis_b}
             block.eig = {k: v.to(self.dtype) for k, v in eig.items()}
             block.a_sum = block.b_sum = None
         for name, total in self.diag_sum.items():
             self.diag_eig[name] = reduce_sum(total) / n
+            _require_finite(self.diag_eig[name], f"diagonal curvature of {name}")
         self.diag_sum = {}
         missing = [n for n in self.deltas if not self._in_block(n) and n not in self.diag_eig]
         for name in missing:  # tensors no output depends on: only the ridge acts on them
@@ -337,9 +380,14 @@ class KFAC:
         self.finalized = True
 
     def precondition(self, grads: Mapping[str, Tensor], power: float = 1.0) -> None:
-        """Replace each gradient (network name -> tensor shaped like its δ) by ``(K + γ)^-power grad``, in place."""
+        """Replace each gradient (network name -> tensor shaped like its δ) by ``(K + γ)^-power grad``, in place.
+
+        Raises CurvatureError, naming the layers, when a finite gradient comes out non-finite (a non-finite
+        gradient is the trainer's to report). One host sync per call, not per layer.
+        """
         if not self.finalized:
             raise RuntimeError("Call KFAC.finalize() before preconditioning.")
+        finite: dict[str, Tensor] = {}  # name -> "the result is finite, or the gradient was not"
         for block in self.blocks.values():
             weight, bias = grads.get(block.weight), grads.get(block.bias) if block.bias else None
             if weight is None:
@@ -351,6 +399,7 @@ class KFAC:
                 column = matrix.new_zeros(*matrix.shape[:2], 1) if bias is None else bias.reshape(block.groups, -1, 1)
                 matrix = torch.cat([matrix, column.to(self.dtype)], dim=-1)
             solved = kronecker_inverse_apply(matrix, e["eig_a"], e["basis_a"], e["eig_b"], e["basis_b"], damping, power)
+            finite[block.weight] = torch.isfinite(solved).all() | ~torch.isfinite(matrix).all()
             if block.bias:
                 if bias is not None:
                     bias.copy_(solved[..., -1].reshape(bias.shape))
@@ -358,8 +407,26 @@ class KFAC:
             weight.copy_(solved.reshape(weight.shape))
         for name, diag in self.diag_eig.items():
             if name in grads:
-                diag = diag.to(grads[name].device)
-                grads[name].div_((diag + self.ridge + self.damping * diag.mean()).pow(power).to(grads[name].dtype))
+                grad, diag = grads[name], diag.to(grads[name].device)
+                given = torch.isfinite(grad).all()
+                grad.div_((diag + self.ridge + self.damping * diag.mean()).pow(power).to(grad.dtype))
+                finite[name] = torch.isfinite(grad).all() | ~given
+        self._require_finite_results(finite)
+
+    def _require_finite_results(self, finite: dict[str, Tensor]) -> None:
+        """``finite``: name -> a boolean tensor, on any device; checked with one host sync."""
+        if not finite:
+            return
+        device = next(iter(finite.values())).device
+        flags = torch.stack([f.to(device) for f in finite.values()])
+        if bool(flags.all()):
+            return
+        names = [name for name, ok in zip(finite, flags.tolist()) if not ok]
+        raise CurvatureError(
+            f"The K-FAC-preconditioned gradient of {', '.join(names[:3])} is not finite although the gradient is: "
+            f"the damped curvature has zero or non-finite eigenvalues, or is too small for this dtype. Raise the "
+            f"ridge (now {self.ridge}) or the damping (now {self.damping})."
+        )
 
     # --------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Tensor]:

@@ -1,12 +1,15 @@
 """K-FAC against the brute-force Gauss–Newton matrix, in float64."""
 
 import math
+import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from lqf_hub.errors import CurvatureError
 from lqf_hub.kfac import KFAC, _eigh
 
 
@@ -89,11 +92,62 @@ def test_eigendecomposition_falls_back_when_lapack_does_not_converge(monkeypatch
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", fails)
-    eigenvalues, vectors = _eigh(matrix)
+    eigenvalues, vectors = _eigh(matrix, "test factor")
     assert eigenvalues.dtype == vectors.dtype == torch.float32
     reconstructed = vectors[0] @ torch.diag(eigenvalues[0]) @ vectors[0].T
     torch.testing.assert_close(reconstructed, matrix[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(vectors[0].T @ vectors[0], torch.eye(40, dtype=torch.float32), rtol=0, atol=1e-5)
+
+
+def test_nan_eigenvalues_returned_without_an_error_fall_back_to_the_qr_algorithm(monkeypatch):
+    """torch's eigh returned NaN without raising on a real rank-deficient factor: the fallback must still run."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(0.1), nn.Linear(8, 3))
+    x = torch.randn(4, 6)  # fewer samples than inputs: rank-deficient factors
+    v = torch.randn(sum(p.numel() for p in net.parameters()))
+    expected = _preconditioned(*_kfac(net, x, ridge=1e-2, damping=1e-3), v)
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: (torch.full_like(eigh(m)[0], math.nan), eigh(m)[1]))
+    kfac, deltas = _kfac(net, x, ridge=1e-2, damping=1e-3)
+    torch.testing.assert_close(_preconditioned(kfac, deltas, v), expected, rtol=1e-10, atol=0)
+
+
+def test_zero_factor_gives_zero_eigenvalues_and_an_orthonormal_basis():
+    eigenvalues, vectors = _eigh(torch.zeros(2, 5, 5), "test factor")
+    assert torch.equal(eigenvalues, torch.zeros(2, 5))
+    torch.testing.assert_close(vectors.mT @ vectors, torch.eye(5).expand(2, 5, 5), rtol=0, atol=1e-15)
+
+
+def test_layer_with_zero_inputs_is_preconditioned_by_the_ridge_alone():
+    """A = 0: the block's curvature is zero, so only the ridge acts; without one the result is refused."""
+    net = nn.Linear(4, 3, bias=False)
+    x = torch.zeros(5, 4)
+    v = torch.randn(12)
+    kfac, deltas = _kfac(net, x, ridge=1e-2, damping=1e-3)
+    torch.testing.assert_close(_preconditioned(kfac, deltas, v), v / 1e-2, rtol=1e-14, atol=0)
+    kfac, deltas = _kfac(net, x, ridge=0.0, damping=1e-3)
+    with pytest.raises(CurvatureError, match="preconditioned gradient of weight is not finite.*Raise the ridge"):
+        _preconditioned(kfac, deltas, v)
+
+
+def test_non_finite_gradient_passes_through_for_the_trainer_to_report():
+    kfac, deltas = _kfac(nn.Linear(4, 3), torch.randn(8, 4), ridge=1e-2)
+    v = torch.randn(15)
+    v[3] = math.inf
+    assert not torch.isfinite(_preconditioned(kfac, deltas, v)).all()
+
+
+def test_near_singular_float32_factor_of_tiny_gradients():
+    """Like the output-gradient factor that broke eigh on real data: float32, rank 20 of 300, tiny entries."""
+    rows = torch.randn(300, 20, generator=torch.Generator().manual_seed(7))
+    matrix = (rows @ rows.T * 1e-10).float().unsqueeze(0)
+    eigenvalues, vectors = _eigh(matrix, "test factor")
+    assert eigenvalues.dtype == vectors.dtype == torch.float32
+    assert torch.isfinite(eigenvalues).all() and torch.isfinite(vectors).all()
+    assert (eigenvalues >= 0).all()
+    reconstructed = vectors[0] @ torch.diag(eigenvalues[0]) @ vectors[0].T
+    assert float((reconstructed - matrix[0]).norm() / matrix[0].norm()) < 1e-5
+    torch.testing.assert_close(vectors[0].T @ vectors[0], torch.eye(300, dtype=torch.float32), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
@@ -172,6 +226,19 @@ def test_diagonal_is_exact_and_independent_of_batching():
             torch.testing.assert_close(diag.flatten(), expected[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer", ["block", "diagonal"])
+def test_non_finite_statistics_are_refused_naming_the_layer(layer):
+    if layer == "block":
+        net, x = nn.Sequential(nn.Linear(4, 5), nn.LeakyReLU(0.1), nn.Linear(5, 3)), torch.ones(6, 4)
+        factor = "input factor A of 0.weight"
+    else:  # a layer scale: its curvature is a diagonal from per-sample gradients
+        net, x = nn.Sequential(_LayerScale(4), nn.Flatten()), torch.ones(6, 4, 1, 1)
+        factor = "diagonal curvature of 0.gamma"
+    x[2, 1] = math.nan  # one bad pixel
+    with pytest.raises(CurvatureError, match=f"{re.escape(factor)} is not finite.*Check the inputs for NaN"):
+        _kfac(net, x)
+
+
 def test_preconditioned_sgd_beats_plain_sgd_on_ill_conditioned_least_squares():
     torch.manual_seed(3)
     scales = torch.logspace(0, 2, 10)  # feature scales 1..100: condition number 1e4 of E[xxᵀ]
@@ -213,6 +280,19 @@ def test_state_dict_round_trip_preconditions_identically():
     v = torch.randn(sum(d.numel() for d in deltas.values()))
     assert torch.equal(_preconditioned(kfac, deltas, v), _preconditioned(restored, deltas, v))
     assert not math.isnan(float(v.sum()))
+
+
+def test_state_dict_saved_with_safetensors_preconditions_bit_identically(tmp_path):
+    """Checkpoints persist K-FAC with safetensors, which takes only contiguous tensors."""
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(8, 3, 4, 4)
+    kfac, deltas = _kfac(net, x, ridge=1e-2, damping=1e-2)
+    save_file(kfac.state_dict(), tmp_path / "kfac.safetensors")
+    restored = KFAC(dict(net.named_parameters()), deltas, ridge=1e-2, damping=1e-2)
+    restored.load_state_dict(load_file(tmp_path / "kfac.safetensors"))
+    v = torch.randn(sum(d.numel() for d in deltas.values()))
+    assert torch.equal(_preconditioned(kfac, deltas, v), _preconditioned(restored, deltas, v))
 
 
 def test_errors():
