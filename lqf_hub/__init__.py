@@ -6,7 +6,8 @@ from .config import LQFConfig
 from .data import class_names, image_transform, load_image_dataset, sample_shots, split_validation, with_transform
 from .errors import CheckpointError, CurvatureError, LQFError, TrainingDiverged
 from .model import LQFModel
-from .train import LQFTrainer, LQFTrainingArguments
+from .train import LQFTrainer
+from .training_args import LQFTrainingArguments
 
 try:
     __version__ = version("lqf-hub")

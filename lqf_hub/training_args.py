@@ -1,0 +1,116 @@
+"""How an :class:`~lqf_hub.LQFTrainer` runs: one dataclass, which the command line turns into options."""
+
+import dataclasses
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .config import _choice
+from .loss import Loss
+
+if TYPE_CHECKING:
+    from .model import LQFModel
+
+
+class Schedule(str, enum.Enum):
+    COSINE = "cosine"  # decays to 0 over the run
+    CONSTANT = "constant"
+
+
+class Preconditioner(str, enum.Enum):
+    KFAC = "kfac"
+    NONE = "none"  # plain SGD (ablation)
+
+
+class KFACOutputs(str, enum.Enum):
+    AUTO = "auto"  # exact up to 32 classes, sampled above
+    EXACT = "exact"  # one backward pass per class
+    SAMPLED = "sampled"  # one Gaussian output vector per sample
+
+
+class MixedPrecision(str, enum.Enum):
+    NO = "no"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class SavedBase(str, enum.Enum):
+    FULL = "full"  # the linearization point is stored with δ
+    REFERENCE = "reference"  # δ and the head only, plus the base's id and sha256
+
+
+@dataclass
+class LQFTrainingArguments:
+    """How an :class:`LQFTrainer` runs. The command line (``lqf-hub train``) offers every field as an option."""
+
+    output_dir: str = field(default="lqf-output", metadata={"help": "Where the model, metrics and checkpoints go."})
+    epochs: int = field(default=10, metadata={"help": "Passes over the training set."})
+    batch_size: int = field(default=32, metadata={"help": "Global batch size (split across processes)."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Batch size for evaluation and caching."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Step size; unset: (1 - momentum) / the largest eigenvalue of the preconditioned "
+                          "mini-batch Hessian (Lanczos)."},
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: 0.9)."})
+    lr_schedule: str = field(default="cosine", metadata={"help": "Step-size schedule.", "choices": Schedule})
+    preconditioner: str = field(default="kfac", metadata={"help": "Gradient preconditioner.", "choices": Preconditioner})
+    damping: float = field(
+        default=1.0, metadata={"help": "K-FAC damping, relative to each block's mean eigenvalue."}
+    )
+    kfac_batches: int = field(default=8, metadata={"help": "Batches used to estimate the curvature at w0."})
+    kfac_outputs: str = field(
+        default="auto", metadata={"help": "How K-FAC back-propagates the outputs.", "choices": KFACOutputs}
+    )
+    loss: str = field(default="mse", metadata={"help": "'mse' (LQF) or 'cross_entropy' (ablation).", "choices": Loss})
+    cache_trunk: bool = field(default=True, metadata={"help": "Cache the frozen trunk's outputs (no augmentation)."})
+    cache_in_memory_gb: float = field(default=4.0, metadata={"help": "Larger caches go to a memory-mapped file."})
+    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision.", "choices": MixedPrecision})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data order and curvature sampling."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers when images are decoded per step."})
+    divergence_factor: float = field(default=100.0, metadata={"help": "Stop if the loss exceeds this x the first."})
+    report_to: str | None = field(default=None, metadata={"help": "Accelerate trackers ('all', 'tensorboard', ...)."})
+    resume_from: str | None = field(default=None, metadata={"help": "A checkpoint directory to continue from."})
+    eval_every: int = field(default=1, metadata={"help": "Evaluate every this many epochs (and the last)."})
+    save_every: int = field(default=1, metadata={"help": "Checkpoint every this many epochs (and the last)."})
+    progress: bool = field(default=True, metadata={"help": "Show tqdm progress bars (main process)."})
+    save_base: str = field(
+        default="full", metadata={"help": "What the saved model stores besides delta and head.", "choices": SavedBase}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the final model to the Hugging Face Hub."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo to push to, e.g. user/my-lqf-model (default: output_dir's name)."}
+    )
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in user's)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Name of the dataset, for the model card."})
+    eval_split_name: str = field(default="eval", metadata={"help": "Name of the evaluation split, for the model card."})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "kfac_batches", "gradient_accumulation_steps",
+                     "save_every", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"`learning_rate` must be > 0 (or None for automatic), got {self.learning_rate}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}.")
+        if not self.damping >= 0:
+            raise ValueError(f"`damping` must be >= 0, got {self.damping}.")
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                setattr(self, f.name, _choice(f.metadata["choices"], f.name, getattr(self, f.name)).value)
+
+    def settings_fingerprint(self, model: "LQFModel") -> str:
+        """What a checkpoint must agree on to be resumed: the optimisation and the model, not the run's length,
+        output or logging."""
+        ignored = {"epochs", "output_dir", "resume_from", "report_to", "progress", "num_workers", "eval_batch_size",
+                   "cache_in_memory_gb", "save_every", "eval_every", "save_base", "push_to_hub", "hub_model_id",
+                   "hub_private_repo", "hub_token", "dataset_name", "eval_split_name"}
+        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+        config = {k: v for k, v in model.config.to_dict().items() if k != "id2label"}
+        blob = json.dumps({"args": kept, "config": config}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
