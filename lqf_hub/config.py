@@ -3,12 +3,14 @@
 import dataclasses
 import enum
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
-"""Version of the saved config / checkpoint layout; a newer one is refused on load."""
+from .adapters.spec import BackboneSpec, known_fields
+
+FORMAT_VERSION = 2
+"""Version of the saved config / checkpoint layout; a newer one is refused on load, older ones are converted
+(1: the backbone was a loose dict; see ``hub._backbone_from_v1``)."""
 
 
 class Activation(str, enum.Enum):
@@ -40,7 +42,7 @@ def _choice(enum_cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
 
 @dataclass
 class LQFConfig:
-    """Settings of a linearized model. Every field is plain JSON so checkpoints are readable.
+    """Settings of a linearized model; ``to_dict()`` is plain JSON so checkpoints are readable.
 
     ``backbone`` is filled by the adapters (``LQFModel.from_timm`` / ``from_transformers``) and holds
     everything needed to rebuild the network without guessing; users normally leave it empty.
@@ -75,12 +77,14 @@ class LQFConfig:
     id2label: dict[int, str] | None = field(
         default=None, metadata={"help": "Class index -> name; defaults to '0', '1', ..."}
     )
-    backbone: dict[str, Any] = field(
-        default_factory=dict,
-        metadata={"help": "Filled by the adapters: library, architecture and data config of the base."},
+    backbone: BackboneSpec | None = field(
+        default=None,
+        metadata={"help": "Filled by the adapters: library, architecture, data config and weights' origin."},
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):  # from JSON
+            self.backbone = BackboneSpec.from_dict(self.backbone)
         self.activation = _choice(Activation, "activation", self.activation).value
         self.head_init = _choice(HeadInit, "head_init", self.head_init).value
         self.linearize = _parse_linearize(self.linearize)
@@ -111,7 +115,7 @@ class LQFConfig:
     @property
     def backbone_name(self) -> str | None:
         """The base architecture: the timm name, or the transformers model type."""
-        return self.backbone.get("architecture") or self.backbone.get("config", {}).get("model_type")
+        return self.backbone.architecture if self.backbone else None
 
     def with_classes(self, num_classes: int, id2label: dict[int, str] | None = None) -> "LQFConfig":
         """A copy with ``num_classes`` set (validated) and labels defaulting to the class index."""
@@ -121,16 +125,13 @@ class LQFConfig:
         return dataclasses.replace(self, num_classes=num_classes, id2label=labels)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**data, "backbone": self.backbone.to_dict() if self.backbone else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LQFConfig":
         """Build from a saved dict; keys written by newer versions are dropped with a warning."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(f"Ignoring unknown LQFConfig keys {unknown} (written by a newer lqf-hub?).", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**known_fields(cls, data))
 
 
 def _parse_linearize(spec: str | list[str] | tuple[str, ...]) -> str | list[str]:

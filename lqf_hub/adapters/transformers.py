@@ -1,4 +1,4 @@
-"""Any ``AutoModelForImageClassification`` as a :class:`Backbone`.
+"""Any ``AutoModelForImageClassification`` as a :class:`Backbone` (the ``transformers`` entry of the adapter table).
 
 The final ``nn.Linear`` of the classifier becomes ``nn.Identity``, so the model's own ``logits`` are the
 pre-logit features: this works for every image-classification head in transformers without knowing how
@@ -12,7 +12,7 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from . import NECK, STEM, Backbone, Segment
+from . import NECK, STEM, Backbone, BackboneSpec, Segment, WeightsKind, WeightsSource
 
 _PIL_INTERPOLATION = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
@@ -29,10 +29,9 @@ def transformers_backbone(
     """
     from transformers import AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-    source = None
     if isinstance(repo_id_or_model, str):
         model = AutoModelForImageClassification.from_pretrained(repo_id_or_model, **from_pretrained_kwargs)
-        source = _hub_source(repo_id_or_model, from_pretrained_kwargs)
+        source = _source(repo_id_or_model, from_pretrained_kwargs)
         if data_config is None:
             try:
                 processor = AutoImageProcessor.from_pretrained(repo_id_or_model, **_hub_kwargs(from_pretrained_kwargs))
@@ -42,7 +41,7 @@ def transformers_backbone(
     elif isinstance(repo_id_or_model, PreTrainedModel):
         if from_pretrained_kwargs:
             raise ValueError(f"{sorted(from_pretrained_kwargs)} apply only when a repo id is given.")
-        model = repo_id_or_model
+        model, source = repo_id_or_model, WeightsSource(kind=WeightsKind.UNKNOWN.value)
     else:
         raise TypeError(
             f"Expected a Hugging Face repo id or a transformers PreTrainedModel, got {type(repo_id_or_model).__name__}."
@@ -50,28 +49,41 @@ def transformers_backbone(
     return _to_backbone(model, data_config, source)
 
 
-def transformers_backbone_from_spec(spec: dict[str, Any]) -> Backbone:
+def from_name(name: str, *, revision: str | None = None, token: str | bool | None = None) -> Backbone:
+    """The pretrained model in Hub repo (or local directory) ``name``."""
+    hub = {k: v for k, v in (("revision", revision), ("token", token)) if v is not None}
+    return transformers_backbone(name, **hub)
+
+
+def from_spec(spec: BackboneSpec) -> Backbone:
     """Rebuild the architecture recorded in ``spec`` with random weights (a checkpoint fills them)."""
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    config_dict = dict(spec["config"])
+    config_dict = dict(spec.config)
     config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
     model = AutoModelForImageClassification.from_config(config)
-    return _to_backbone(model, spec["data_config"], spec.get("source"))
+    return _to_backbone(model, spec.data_config, spec.source)
 
 
-def _hub_source(repo_id: str, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+def from_source(spec: BackboneSpec, **hub_kwargs: Any) -> Backbone:
+    """The Hub repo ``spec.source`` names, at the commit it records."""
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    return transformers_backbone(spec.source.repo_id, data_config=spec.data_config, revision=spec.source.revision,
+                                 **hub_kwargs)
+
+
+def _source(repo_id: str, kwargs: dict[str, Any]) -> WeightsSource:
     """Where the weights came from, pinned to a commit, so a delta-only checkpoint can fetch them again."""
-    if os.path.isdir(repo_id):
-        return None  # a local directory is not portable
+    if os.path.isdir(repo_id):  # a local directory is not portable
+        return WeightsSource(kind=WeightsKind.FILE.value, file=os.path.abspath(repo_id))
     from huggingface_hub import HfApi
 
     hub = _hub_kwargs(kwargs)
     try:
         sha = HfApi().model_info(repo_id, revision=hub.get("revision"), token=hub.get("token")).sha
-    except Exception:  # offline: pin what was asked for
+    except (OSError, ValueError):  # offline: pin what was asked for
         sha = hub.get("revision")
-    return {"repo_id": repo_id, "revision": sha, "hub_id": repo_id}
+    return WeightsSource(kind=WeightsKind.HUB.value, repo_id=repo_id, revision=sha)
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -79,20 +91,20 @@ def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs[k] for k in keys if k in kwargs}
 
 
-def _to_backbone(model: nn.Module, data_config: dict[str, Any] | None, source: dict[str, Any] | None) -> Backbone:
+def _to_backbone(model: nn.Module, data_config: dict[str, Any] | None, source: WeightsSource) -> Backbone:
     labels = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     head = _take_classifier(model)
     model.eval().requires_grad_(False)
-    data_config = data_config or _default_data_config(model.config)
     plan = _PLANS.get(model.config.model_type)
     segments = plan(model) if plan else [Segment(STEM, lambda x: model(pixel_values=x).logits)]
+    spec = BackboneSpec(library="transformers", architecture=model.config.model_type, config=model.config.to_dict(),
+                        data_config=data_config or _default_data_config(model.config), num_features=head.in_features,
+                        source=source)
     return Backbone(
         network=model,
-        num_features=head.in_features,
         segments=segments,
         blocks=_block_names(model),
-        data_config=data_config,
-        spec={"library": "transformers", "config": model.config.to_dict(), "data_config": data_config, "source": source},
+        spec=spec,
         pretrained_head=head,
         pretrained_labels=labels if len(labels) == head.out_features else None,
         fixed_input_size=model.config.model_type in _FIXED_SIZE,
