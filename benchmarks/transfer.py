@@ -3,7 +3,8 @@
 Every run: ImageNet tf_efficientnet_lite0 (embedded weights), a stratified few-shot training set, a
 stratified test subset, one seed. Methods:
   probe   logistic regression on the frozen pre-logit features (L-BFGS)
-  lqf     the linearized model trained with lqf-hub's trainer (K-FAC, MSE, automatic step size)
+  lqf     the linearized model trained with lqf-hub's trainer (``--grid method=solve,sgd``: the certified
+          optimum with λ chosen on held-out training images, or the early-stopped K-FAC SGD loop)
   ft      ordinary fine-tuning of every weight (SGD, cross-entropy)
 ``--grid key=v1,v2 ...`` runs LQF over the product of LQFConfig / LQFTrainingArguments values.
 
@@ -21,17 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-
+from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, TrainingDiverged
 from lqf_hub.baselines import accuracy, fine_tune, probe_accuracy
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
-from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, TrainingDiverged
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(LQFConfig)}
 TRAINING_FIELDS = {f.name for f in dataclasses.fields(LQFTrainingArguments)}
 
 
 def _value(key: str, text: str):
-    if key in ("activation", "linearize", "head_init", "loss", "preconditioner", "kfac_outputs"):
+    if key in ("activation", "linearize", "head_init", "loss", "preconditioner", "kfac_outputs", "method", "prior"):
         return text
     for cast in (int, float):
         try:
@@ -69,13 +69,16 @@ def run_lqf(settings: dict, train, test, num_classes: int, args) -> dict:
             history = trainer.train()
         except TrainingDiverged as err:
             return {"accuracy": float("nan"), "note": str(err).split(".")[0]}
-        return {
-            "accuracy": history[-1]["eval_accuracy"], "seconds": time.perf_counter() - started,
-            "learning_rate": history[0]["learning_rate"], "train_loss": history[-1]["train_loss"],
-            "trainer": trainer,
-            "settings": {"activation": config.activation, "linearize": config.linearize, "damping": training.damping,
-                         "ridge": config.ridge},  # the effective values, defaults included
+        final = history[-1]
+        result = {
+            "accuracy": final["eval_accuracy"], "seconds": time.perf_counter() - started,
+            "train_loss": final["train_loss"], "trainer": trainer, "ridge": model.config.ridge,
+            "settings": {"method": training.method, "activation": config.activation, "linearize": config.linearize,
+                         "damping": training.damping},  # the effective values, defaults included
         }
+        solver = ("relative_gradient_norm", "suboptimality_bound", "iterations", "path_iterations")
+        result.update({k: final[k] for k in (solver if training.method == "solve" else ("learning_rate",))})
+        return result
 
 
 def run_probe(trainer: LQFTrainer | None, train, test, num_classes: int, args) -> dict:

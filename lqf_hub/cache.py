@@ -22,11 +22,13 @@ from .model import LQFModel
 
 
 class TrunkCache(Dataset):
-    """Rows ``(trunk_output, label)`` of a dataset, computed once. ``values [N, ...]``, ``labels [N]``;
-    ``fingerprint``: sha256 hex of the pixels and labels that were fed."""
+    """Rows ``(trunk_output, label)`` of a dataset, computed once. ``values [N, ...]``, ``labels [N]``,
+    ``digests [N, 32]`` (uint8): sha256 of each image's pixels and label, so that choices made on the set
+    (a held-out split) need not depend on its order; ``fingerprint``: sha256 hex of them all, in order."""
 
-    def __init__(self, values: np.ndarray, labels: torch.Tensor, fingerprint: str) -> None:
-        self.values, self.labels, self.fingerprint = values, labels, fingerprint
+    def __init__(self, values: np.ndarray, labels: torch.Tensor, digests: torch.Tensor) -> None:
+        self.values, self.labels, self.digests = values, labels, digests
+        self.fingerprint = hashlib.sha256(digests.numpy().tobytes()).hexdigest()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,7 +63,7 @@ def cache_trunk_outputs(
         values[rows.numpy()] = host
         labels[rows] = batch_labels.cpu()
         digests[rows] = item_digests.cpu()
-    return TrunkCache(values, labels, hashlib.sha256(digests.numpy().tobytes()).hexdigest())
+    return TrunkCache(values, labels, digests)
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:

@@ -1,9 +1,10 @@
 """The trainer's resumable state: tensors in safetensors, the rest in JSON; nothing is ever unpickled.
 
-A checkpoint directory ``OUTPUT/checkpoints/epoch-N`` holds ``trainer_state.safetensors`` (δ, momentum
-buffers, the K-FAC eigenbases: ``delta/<name>``, ``momentum/<name>``, ``kfac/<key>``) and
+A checkpoint directory (``OUTPUT/checkpoints/epoch-N`` of the SGD loop, ``OUTPUT/checkpoints/selection``
+of the solver) holds ``trainer_state.safetensors`` (δ, momentum buffers, the K-FAC eigenbases:
+``delta/<name>``, ``momentum/<name>``, ``kfac/<key>``) and
 ``trainer_state.json`` (epoch, optimizer step, step size, fingerprints of the settings and of the training
-set, the metrics history). Both are written into a staging directory that replaces the checkpoint in one
+set, the metrics history, the solver's chosen λ and path). Both are written into a staging directory that replaces the checkpoint in one
 rename, so a run killed at any moment leaves complete checkpoints only.
 """
 
@@ -29,14 +30,15 @@ STATE_VERSION = 1
 
 @dataclass
 class TrainerState:
-    """Where a run stands after a completed epoch."""
+    """Where a run stands: after a completed epoch (SGD), or after choosing λ (the solver)."""
 
     epoch: int
     step: int  # optimizer steps taken (the schedule's position)
-    learning_rate: float
+    learning_rate: float | None
     settings_fingerprint: str
     data_fingerprint: str
     history: list[dict[str, Any]]
+    selection: dict[str, Any] | None = None  # the solver's chosen λ and its path
 
 
 def save_trainer_checkpoint(directory: Path, tensors: dict[str, Tensor], state: TrainerState) -> None:

@@ -111,12 +111,16 @@ def add_dataclass_options(
             continue
         choices = [c.value for c in f.metadata["choices"]] if "choices" in f.metadata else None
         parser.add_argument(f"--{option}", dest=prefix + f.name, type=kind, choices=choices, default=None, help=text,
-                            metavar=None if choices else option.replace("-", "_").upper())
+                            metavar=None if choices else option.replace("-", "_").upper(),
+                            nargs="+" if typing.get_origin(f.type) is list else None)
 
 
 def _option_type(annotation) -> type:
-    """The command-line type of a field: its own, or the first of ``X | None``; str for anything textual."""
+    """The command-line type of a field (of its items for a list): its own, or the first of ``X | None``;
+    str for anything textual."""
     kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is list:
+        kinds = list(typing.get_args(annotation))
     return kinds[0] if kinds[0] in (bool, int, float) else str
 
 
@@ -149,6 +153,8 @@ def run_train(args) -> dict[str, Any]:
     values = dataclass_values(args, "training.")
     if args.augment and values.get("cache_trunk"):
         raise CLIError("--augment changes the images every epoch, so the trunk cannot be cached; drop --cache-trunk.")
+    if args.augment and values.get("method") == "solve":
+        raise CLIError("--augment needs --method sgd: the solver works on the frozen trunk's cached outputs.")
     training = LQFTrainingArguments(**{**values, "cache_trunk": False} if args.augment else values,
                                     dataset_name=args.dataset, hub_token=args.token)
     state = process_state()
@@ -178,9 +184,11 @@ def run_train(args) -> dict[str, Any]:
         output.mkdir(parents=True, exist_ok=True)
         (output / OUTPUT_MARKER).write_text("written by lqf-hub train\n")
     final = trainer.train()[-1]
-    result = {"model": args.model, "dataset": args.dataset, "train_samples": len(train_data),
-              "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"], "test_loss": final["eval_loss"],
-              "epochs": final["epoch"], "learning_rate": final["learning_rate"]}
+    result = {"model": args.model, "dataset": args.dataset, "method": training.method,
+              "train_samples": len(train_data), "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"],
+              "test_loss": final["eval_loss"]}
+    solved = ("ridge", "relative_gradient_norm", "suboptimality_bound", "iterations", "path_iterations", "seconds")
+    result.update({k: final[k] for k in (solved if "ridge" in final else ("epoch", "learning_rate"))})
     if not args.no_probe:
         result["probe_accuracy"] = probe_accuracy(trainer.features("train"), trainer.features("eval"), len(names))
     if state.is_main_process:

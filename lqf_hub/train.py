@@ -30,7 +30,9 @@ from .files import atomic_write_text
 from .kfac import KFAC, condition_number
 from .loss import Loss, data_loss, ridge_penalty
 from .model import LQFModel
-from .training_args import LQFTrainingArguments, Preconditioner, Schedule
+from .optimum import plot_path, select_ridge
+from .solve import DataTerm, Flat, PriorMetric, solve
+from .training_args import LQFTrainingArguments, Method, Preconditioner, Prior, Schedule
 
 
 def process_state() -> PartialState:
@@ -111,6 +113,17 @@ class LQFTrainer:
                 "preprocessing); resume with the same data or start a new run in another --output-dir."
             )
         eval_data = None if self.eval_dataset is None else self.inputs("eval")
+        if args.method == Method.SOLVE.value:
+            self._solve(train_data, eval_data, settings, data, saved, resumed)
+        else:
+            self._descend(train_data, eval_data, settings, data, saved, resumed)
+        self._finish()
+        return self.history
+
+    def _descend(self, train_data: Dataset, eval_data: Dataset | None, settings: str, data: str,
+                 saved: dict[str, torch.Tensor], resumed: TrainerState | None) -> None:
+        """The SGD loop: K-FAC-preconditioned momentum SGD, early-stopped after ``epochs``."""
+        args, acc, model = self.args, self.accelerator, self.model
         kfac = self._preconditioner(saved)
         self.learning_rate = resumed.learning_rate if resumed else args.learning_rate or self._step_size(kfac)
         optimizer = torch.optim.SGD(model.delta.parameters(), lr=self.learning_rate, momentum=args.momentum)
@@ -161,16 +174,53 @@ class LQFTrainer:
                 record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
             self._log(record)
             if (epoch + 1) % args.save_every == 0 or last:
-                self._checkpoint(TrainerState(epoch + 1, step, self.learning_rate, settings, data, self.history),
+                self._checkpoint(f"epoch-{epoch + 1}",
+                                 TrainerState(epoch + 1, step, self.learning_rate, settings, data, self.history),
                                  _state_tensors(model, optimizer, kfac))
-        self._finish()
-        return self.history
+
+    def _solve(self, train_data: TrunkCache, eval_data: Dataset | None, settings: str, data: str,
+               saved: dict[str, torch.Tensor], resumed: TrainerState | None) -> None:
+        """The certified optimum: λ from one Krylov path scored on held-out training images, then the refit."""
+        args, acc, model = self.args, self.accelerator, self.model
+        started = time.perf_counter()
+        progress = args.progress and acc.is_main_process
+        everything = self._data_term(train_data, None)
+        kfac = self._prior_curvature(everything, saved) if args.prior == Prior.KFAC.value else None
+        flat = Flat(model.linearization_point)
+        metric = PriorMetric(flat, kfac)
+        selection = resumed.selection if resumed is not None else None
+        if selection is None:
+            if len(args.ridge_grid) == 1:
+                selection = {"ridge": args.ridge_grid[0], "iterations": 0, "path": []}
+            else:
+                found = select_ridge(lambda rows: self._data_term(train_data, rows), train_data.labels,
+                                     train_data.digests, metric, args.ridge_grid, fraction=args.validation_fraction,
+                                     seed=args.seed, max_iterations=args.max_iterations, progress=progress)
+                selection = found.to_dict()
+                if acc.is_main_process:
+                    plot_path(found.points, found.ridge, self.output_dir / "path.png")
+            tensors = {f"kfac/{k}": v for k, v in kfac.state_dict().items()} if kfac is not None else {}
+            self._checkpoint("selection", TrainerState(0, 0, None, settings, data, [], selection), tensors)
+        delta, certificate = solve(everything, metric, selection["ridge"], tolerance=args.tolerance,
+                                   max_iterations=args.max_iterations, progress=progress)
+        with torch.no_grad():
+            for name, part in flat.unflatten(delta).items():
+                model.linearized_parameters[name].copy_(part)
+        model.config.ridge = selection["ridge"]
+        self._start_log()
+        record = {"method": Method.SOLVE.value, "prior": args.prior, "ridge": selection["ridge"],
+                  "path_iterations": selection["iterations"], "train_loss": certificate.objective,
+                  **{k: v for k, v in certificate.to_dict().items() if k not in ("ridge", "prior", "objective")},
+                  "seconds": time.perf_counter() - started}
+        if eval_data is not None:
+            record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
+        self._log(record)
 
     def _finish(self) -> None:
         """Curves, the model with its training summary, the Hub."""
         acc = self.accelerator
         self.model.training_summary = self._summary()
-        if acc.is_main_process:
+        if acc.is_main_process and self.args.method == Method.SGD.value:
             plot_history(self.history, self.output_dir / "curves.png")
         self.save_model()
         if self.args.push_to_hub:
@@ -184,10 +234,16 @@ class LQFTrainer:
         name = model.config.backbone_name or "model"
         summary = {
             "name": f"LQF {name} on {args.dataset_name}" if args.dataset_name else f"LQF {name}",
-            "dataset": args.dataset_name, "eval_split": args.eval_split_name,
-            "train_samples": len(self.train_dataset), "epochs": final["epoch"], "learning_rate": final["learning_rate"],
-            "train_loss": final["train_loss"], "metrics": {},
+            "dataset": args.dataset_name, "eval_split": args.eval_split_name, "train_samples": len(self.train_dataset),
+            "method": args.method, "train_loss": final["train_loss"], "metrics": {},
         }
+        if args.method == Method.SOLVE.value:  # the certificate
+            summary.update({k: final[k] for k in ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound",
+                                                  "iterations", "path_iterations")})
+            summary["ridge_selection"] = (f"validation: {args.validation_fraction:.0%} of the training images per class"
+                                          if len(args.ridge_grid) > 1 else "fixed")
+        else:
+            summary.update({"epochs": final["epoch"], "learning_rate": final["learning_rate"]})
         if self.eval_dataset is not None and "eval_accuracy" in final:
             summary["eval_samples"] = len(self.eval_dataset)
             summary["metrics"] = {"accuracy": final["eval_accuracy"], "mse_loss": final["eval_loss"]}
@@ -274,18 +330,28 @@ class LQFTrainer:
             )
 
     # -------------------------------------------------------------------------------- curvature
+    def _prior_curvature(self, data: DataTerm, saved: dict[str, torch.Tensor]) -> KFAC:
+        """K-FAC at w0 from every training image (no ridge): the prior's metric, a function of the set of
+        images only (not of their order, a seed or the number of processes)."""
+        return self._kfac(0.0, saved, data.trunk_batches)
+
     def _preconditioner(self, saved: dict[str, torch.Tensor]) -> KFAC | None:
-        """K-FAC at w0: computed once from the first ``kfac_batches`` batches, or restored from a checkpoint."""
-        args, acc, model = self.args, self.accelerator, self.model
-        if args.preconditioner == Preconditioner.NONE.value:
+        """The SGD loop's K-FAC at w0, from the first ``kfac_batches`` batches."""
+        if self.args.preconditioner == Preconditioner.NONE.value:
             return None
+        return self._kfac(self.model.config.ridge, saved, self._curvature_batches)
+
+    def _kfac(self, ridge: float, saved: dict[str, torch.Tensor], batches) -> KFAC:
+        """K-FAC damped by ``ridge`` and ``damping``: restored from a checkpoint, or computed once from
+        ``batches()`` (trunk outputs) and all-reduced."""
+        args, acc, model = self.args, self.accelerator, self.model
         outputs = args.kfac_outputs if args.kfac_outputs != "auto" else "exact" if model.num_classes <= 32 else "sampled"
-        kfac = KFAC(model.linearization_point, model.linearized_parameters, ridge=model.config.ridge,
-                    damping=args.damping, outputs=outputs, seed=args.seed)
+        kfac = KFAC(model.linearization_point, model.linearized_parameters, ridge=ridge, damping=args.damping,
+                    outputs=outputs, seed=args.seed)
         if saved:
             kfac.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("kfac/")})
         else:
-            for z in self._curvature_batches():
+            for z in batches():
                 kfac.accumulate(model.tail_function(z), z.shape[0])
             kfac.finalize(lambda t: acc.reduce(t.to(acc.device), "sum"))
         return kfac
@@ -305,6 +371,14 @@ class LQFTrainer:
                 if len(self._batches) == self.args.kfac_batches:
                     break
         return self._batches
+
+    def _data_term(self, cache: TrunkCache, rows: torch.Tensor | None) -> DataTerm:
+        """The data term of the objective over the cached rows ``rows`` (default all), sharded over processes."""
+        acc = self.accelerator
+        values, labels = (cache.values, cache.labels) if rows is None else (cache.values[rows.numpy()], cache.labels[rows])
+        return DataTerm(self.model, values, labels, batch_size=self.args.eval_batch_size,
+                        reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"), rank=acc.process_index,
+                        world=acc.num_processes)
 
     def _step_size(self, kfac: KFAC | None) -> float:
         acc = self.accelerator
@@ -326,7 +400,8 @@ class LQFTrainer:
                 f"Checkpoint {self.args.resume_from} was written with another model config or training options; "
                 "resume with the same settings or start a new run in another --output-dir."
             )
-        expected = {f"delta/{n}": d.shape for n, d in self.model.linearized_parameters.items()}
+        expected = {} if state.selection is not None else {  # the solver keeps only K-FAC and its choice of λ
+            f"delta/{n}": d.shape for n, d in self.model.linearized_parameters.items()}
         wrong = [k for k, shape in expected.items() if k not in tensors or tensors[k].shape != shape]
         if wrong:
             raise CheckpointError(f"Checkpoint {self.args.resume_from} does not fit this model ({wrong[0]}).")
@@ -341,11 +416,11 @@ class LQFTrainer:
             acc.init_trackers("lqf", config={k: str(v) for k, v in dataclasses.asdict(self.args).items()
                                              if k != "hub_token"})
 
-    def _checkpoint(self, state: TrainerState, tensors: dict[str, torch.Tensor]) -> None:
-        """Save the state after ``state.epoch``; keep this and the previous checkpoint."""
+    def _checkpoint(self, name: str, state: TrainerState, tensors: dict[str, torch.Tensor]) -> None:
+        """Save ``checkpoints/<name>``; of the epoch checkpoints keep this and the previous one."""
         if self.accelerator.is_main_process:
             parent = self.output_dir / "checkpoints"
-            save_trainer_checkpoint(parent / f"epoch-{state.epoch}", tensors, state)
+            save_trainer_checkpoint(parent / name, tensors, state)
             prune_checkpoints(parent, keep=2, protect=Path(self.args.resume_from) if self.args.resume_from else None)
         self.accelerator.wait_for_everyone()
 
@@ -362,11 +437,11 @@ class LQFTrainer:
         acc = self.accelerator
         if not acc.is_main_process:
             return
-        acc.log({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+        acc.log({k: v for k, v in record.items() if k != "epoch"}, step=record.get("epoch", 0))
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
-        tqdm.write(f"epoch {record['epoch']}: {summary}")
+        tqdm.write(f"epoch {record['epoch']}: {summary}" if "epoch" in record else summary)
 
 
 def _state_tensors(model: LQFModel, optimizer: torch.optim.SGD, kfac: KFAC | None) -> dict[str, torch.Tensor]:

@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from .model import LQFModel
 
 
+class Method(str, enum.Enum):
+    SOLVE = "solve"  # the certified optimum, λ chosen on held-out training images
+    SGD = "sgd"  # the early-stopped, preconditioned SGD loop (augmentation, data too large to cache)
+
+
+class Prior(str, enum.Enum):
+    KFAC = "kfac"  # (λ/2) δᵀMδ with M the damped K-FAC curvature at w0
+    ISOTROPIC = "isotropic"  # (λ/2) ‖δ‖²
+
+
 class Schedule(str, enum.Enum):
     COSINE = "cosine"  # decays to 0 over the run
     CONSTANT = "constant"
@@ -46,6 +56,31 @@ class LQFTrainingArguments:
     """How an :class:`LQFTrainer` runs. The command line (``lqf-hub train``) offers every field as an option."""
 
     output_dir: str = field(default="lqf-output", metadata={"help": "Where the model, metrics and checkpoints go."})
+    method: str = field(
+        default="sgd",
+        metadata={"help": "'solve': the certified optimum, λ chosen on held-out training images; 'sgd': the "
+                          "early-stopped preconditioned SGD loop (for augmentation or data too large to cache).",
+                  "choices": Method},
+    )
+    prior: str = field(
+        default="kfac",
+        metadata={"help": "Shape of the ridge (λ/2)δᵀMδ of 'solve': 'kfac' (M: K-FAC curvature at w0 with "
+                          "--damping) or 'isotropic' (M = I).", "choices": Prior},
+    )
+    ridge_grid: list[float] = field(
+        default_factory=lambda: [10.0, 3.0, 1.0, 0.3, 0.1],
+        metadata={"help": "λ values 'solve' chooses from on the held-out images (one value: no choice). With the "
+                          "K-FAC prior λ = 1 weighs the prior as much as the data."},
+    )
+    validation_fraction: float = field(
+        default=0.2, metadata={"help": "Share of every class of the training images held out to choose λ."}
+    )
+    tolerance: float = field(
+        default=1e-4, metadata={"help": "'solve' stops when the relative gradient norm is below this."}
+    )
+    max_iterations: int = field(
+        default=300, metadata={"help": "Most products with the curvature (passes over the data) per solve."}
+    )
     epochs: int = field(default=10, metadata={"help": "Passes over the training set."})
     batch_size: int = field(default=32, metadata={"help": "Global batch size (split across processes)."})
     eval_batch_size: int = field(default=256, metadata={"help": "Batch size for evaluation and caching."})
@@ -90,8 +125,11 @@ class LQFTrainingArguments:
     eval_split_name: str = field(default="eval", metadata={"help": "Name of the evaluation split, for the model card."})
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                setattr(self, f.name, _choice(f.metadata["choices"], f.name, getattr(self, f.name)).value)
         for name in ("epochs", "batch_size", "eval_batch_size", "kfac_batches", "gradient_accumulation_steps",
-                     "save_every", "eval_every"):
+                     "save_every", "eval_every", "max_iterations"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate is not None and not self.learning_rate > 0:
@@ -100,16 +138,24 @@ class LQFTrainingArguments:
             raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum}.")
         if not self.damping >= 0:
             raise ValueError(f"`damping` must be >= 0, got {self.damping}.")
-        for f in dataclasses.fields(self):
-            if "choices" in f.metadata:
-                setattr(self, f.name, _choice(f.metadata["choices"], f.name, getattr(self, f.name)).value)
+        if not self.ridge_grid or not all(r > 0 for r in self.ridge_grid):
+            raise ValueError(f"`ridge_grid` must hold values > 0, got {self.ridge_grid}.")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"`validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"`tolerance` must be in (0, 1), got {self.tolerance}.")
+        if self.method == Method.SOLVE.value and self.prior == Prior.KFAC.value and not self.damping > 0:
+            raise ValueError("The K-FAC prior needs `damping` > 0 (its metric would be singular).")
+        if self.method == Method.SOLVE.value and not self.cache_trunk:
+            raise ValueError("method='solve' works on the cached trunk outputs (cache_trunk=True); for augmentation "
+                             "on the fly use method='sgd'.")
 
     def settings_fingerprint(self, model: "LQFModel") -> str:
         """What a checkpoint must agree on to be resumed: the optimisation and the model, not the run's length,
         output or logging."""
         ignored = {"epochs", "output_dir", "resume_from", "report_to", "progress", "num_workers", "eval_batch_size",
                    "cache_in_memory_gb", "save_every", "eval_every", "save_base", "push_to_hub", "hub_model_id",
-                   "hub_private_repo", "hub_token", "dataset_name", "eval_split_name"}
+                   "hub_private_repo", "hub_token", "dataset_name", "eval_split_name", "tolerance", "max_iterations"}
         kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
         config = {k: v for k, v in model.config.to_dict().items() if k != "id2label"}
         blob = json.dumps({"args": kept, "config": config}, sort_keys=True, default=str)

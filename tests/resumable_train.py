@@ -31,7 +31,7 @@ if __name__ == "__main__":
 
         torch.optim.SGD.step = step_then_die
     model = toy_model()
-    args = LQFTrainingArguments(output_dir=options.output_dir, epochs=4, batch_size=4, progress=False,
+    args = LQFTrainingArguments(output_dir=options.output_dir, method="sgd", epochs=4, batch_size=4, progress=False,
                                 resume_from=options.resume_from)
     LQFTrainer(model, toy_images(16, seed=6), toy_images(6, seed=7), args).train()
     save_file({"delta": deltas(model)}, options.delta_file)

@@ -236,3 +236,16 @@ def test_resume_on_another_dataset_is_refused(tmp_path, capsys):
     code, _, err = run(capsys, "train", "--dataset", "fashion-mnist", "--epochs", "2", "--resume-from", str(checkpoint),
                        *common)
     assert code == 2 and "another training set" in err, err
+
+
+def test_train_solves_to_a_certificate_with_lambda_chosen_on_held_out_images(tmp_path, capsys):
+    output = tmp_path / "out"
+    code, out, err = run(capsys, "train", *TINY, "--method", "solve", "--ridge-grid", "3", "0.3", "--no-probe",
+                         "--output-dir", str(output))
+    assert code == 0, err
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["method"] == "solve" and metrics["ridge"] in (3.0, 0.3)
+    assert metrics["relative_gradient_norm"] <= 1e-4 and metrics["suboptimality_bound"] >= 0
+    assert (output / "path.png").read_bytes()[:4] == b"\x89PNG"
+    summary = LQFModel.from_pretrained(output / "model").training_summary
+    assert summary["ridge"] == metrics["ridge"] and summary["relative_gradient_norm"] == metrics["relative_gradient_norm"]

@@ -1,0 +1,71 @@
+"""The trainer's solver: the certified optimum, λ chosen on held-out training images, resume, the artifact."""
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from test_train import closed_form, deltas, toy_images, toy_model
+
+from lqf_hub import CheckpointError, LQFModel, LQFTrainer, LQFTrainingArguments
+from lqf_hub.optimum import stratified_split
+
+
+def solve(model, data, tmp_path, name="run", eval_data=None, **args):
+    args = {"method": "solve", "progress": False, "output_dir": str(tmp_path / name), **args}
+    trainer = LQFTrainer(model, data, eval_data, LQFTrainingArguments(**args))
+    return trainer.train()[-1]
+
+
+def test_fixed_ridge_reaches_the_closed_form(tmp_path):
+    data = toy_images(24, seed=1)
+    model = toy_model()
+    record = solve(model, data, tmp_path, prior="isotropic", ridge_grid=[0.05], tolerance=1e-11)
+    assert model.config.ridge == record["ridge"] == 0.05
+    expected = closed_form(model, data)  # with model.config.ridge
+    assert (deltas(model) - expected).norm() / expected.norm() < 1e-7  # test_solve.py holds the solver to 1e-8
+    assert record["relative_gradient_norm"] <= 1e-11 and record["suboptimality_bound"] >= 0
+
+
+def test_ridge_is_chosen_on_held_out_training_images_and_reported(tmp_path):
+    data, test = toy_images(30, seed=3), toy_images(9, seed=4)
+    model = toy_model(torch.float32)
+    record = solve(model, data, tmp_path, eval_data=test, ridge_grid=[1.0, 0.1, 0.01, 0.001], dataset_name="toy")
+    state = json.loads((tmp_path / "run" / "checkpoints" / "selection" / "trainer_state.json").read_text())
+    path = state["selection"]["path"]
+    assert [p["ridge"] for p in path] == [1.0, 0.1, 0.01, 0.001]
+    best = max(path, key=lambda p: (p["validation_accuracy"], -p["validation_loss"]))
+    assert record["ridge"] == best["ridge"] == state["selection"]["ridge"]
+    assert (tmp_path / "run" / "path.png").read_bytes()[:4] == b"\x89PNG"
+    assert record["relative_gradient_norm"] <= 1e-4
+    saved = LQFModel.from_pretrained(tmp_path / "run" / "model")
+    assert saved.config.ridge == record["ridge"] and saved.training_summary["prior"] == "kfac"
+    card = ModelCard.load(tmp_path / "run" / "model" / "README.md").text
+    assert "suboptimality_bound" in card and "relative_gradient_norm" in card
+
+
+def test_resume_after_the_selection_gives_the_same_optimum(tmp_path):
+    data = toy_images(20, seed=5)
+    first = toy_model()
+    solve(first, data, tmp_path, ridge_grid=[1.0, 0.01], tolerance=1e-8)
+    resumed = toy_model()
+    checkpoint = tmp_path / "run" / "checkpoints" / "selection"
+    solve(resumed, data, tmp_path, "again", ridge_grid=[1.0, 0.01], tolerance=1e-8, resume_from=str(checkpoint))
+    assert torch.equal(deltas(first), deltas(resumed))
+    with pytest.raises(CheckpointError, match="another training set"):
+        solve(toy_model(), toy_images(20, seed=6), tmp_path, "other", ridge_grid=[1.0, 0.01], resume_from=str(checkpoint))
+
+
+def test_stratified_split_holds_out_every_class():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2)
+    keys = torch.arange(17, dtype=torch.uint8)[:, None]
+    fit, held = stratified_split(labels, keys, 0.2, seed=0)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(17))
+    assert [int((labels[held] == c).sum()) for c in range(3)] == [2, 1, 1]
+    assert torch.equal(held, stratified_split(labels, keys, 0.2, seed=0)[1])
+    assert not torch.equal(held, stratified_split(labels, keys, 0.2, seed=1)[1])
+
+
+def test_solve_needs_the_trunk_cache(tmp_path):
+    with pytest.raises(ValueError, match="method='sgd'"):
+        solve(toy_model(), toy_images(6, seed=1), tmp_path, cache_trunk=False)

@@ -1,0 +1,120 @@
+"""The certified solver: closed forms from brute-force Jacobians, the certificate's bound, every λ at once."""
+
+import pytest
+import torch
+from test_train import NUM_CLASSES, toy_images, toy_model
+from torch.func import jacrev
+
+from lqf_hub.kfac import KFAC
+from lqf_hub.solve import DataTerm, Flat, KrylovPath, PriorMetric, certify, solve
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def problem(n: int = 24):
+    model = toy_model()
+    data = toy_images(n, seed=1)
+    z = model.encode_trunk(torch.stack([d["pixel_values"] for d in data]).double())
+    labels = torch.tensor([d["label"] for d in data])
+    return model, z, labels
+
+
+def brute_force(model, z, labels):
+    """J [N·C, P], residual αY − F0 [N·C], by jacrev over the whole network tail."""
+    jac = jacrev(model.tail_function(z))(dict(model.linearization_point))
+    n = len(labels)
+    j = torch.cat([jac[name].reshape(n * NUM_CLASSES, -1) for name in model.linearized_parameters], dim=1)
+    targets = model.config.target_scale * torch.nn.functional.one_hot(labels, NUM_CLASSES)
+    return j, (targets - model.base_forward(trunk_output=z)).flatten()
+
+
+def metric_of(prior: str, model, z, flat) -> PriorMetric:
+    if prior == "isotropic":
+        return PriorMetric(flat)
+    kfac = KFAC(model.linearization_point, model.linearized_parameters, ridge=0.0, damping=0.3)
+    for batch in z.split(8):
+        kfac.accumulate(model.tail_function(batch), batch.shape[0])
+    kfac.finalize()
+    return PriorMetric(flat, kfac)
+
+
+def closed_form(j, residual, ridge, metric) -> torch.Tensor:
+    """(JᵀJ + NλM)⁻¹Jᵀ(αY − F0), in its dual form M⁻¹Jᵀ(JM⁻¹Jᵀ + NλI)⁻¹(αY − F0) (P is large, N·C small)."""
+    n = j.shape[0] // NUM_CLASSES
+    m_inverse_jt = torch.stack([metric.power(row, 1.0) for row in j], dim=1)  # [P, N·C]
+    return m_inverse_jt @ torch.linalg.solve(j @ m_inverse_jt + n * ridge * torch.eye(j.shape[0]), residual)
+
+
+def objective(j, residual, ridge, metric, delta) -> float:
+    n = j.shape[0] // NUM_CLASSES
+    return float(0.5 * (j @ delta - residual).square().sum() / n + 0.5 * ridge * delta @ metric.power(delta, -1.0))
+
+
+@pytest.mark.parametrize("prior", ["isotropic", "kfac"])
+def test_solution_is_the_closed_form_to_1e_8(prior):
+    model, z, labels = problem()
+    j, residual = brute_force(model, z, labels)
+    data = DataTerm(model, z, labels, batch_size=8)
+    metric, ridge = metric_of(prior, model, z, data.flat), 0.05
+    expected = closed_form(j, residual, ridge, metric)
+    delta, certificate = solve(data, metric, ridge, tolerance=1e-11)
+    assert (delta - expected).norm() / expected.norm() < 1e-8
+    assert certificate.relative_gradient_norm <= 1e-11 and certificate.prior == prior
+    assert certificate.objective == pytest.approx(objective(j, residual, ridge, metric, expected), rel=1e-10)
+
+
+@pytest.mark.parametrize("prior", ["isotropic", "kfac"])
+def test_the_certificate_bounds_the_true_suboptimality(prior):
+    model, z, labels = problem()
+    j, residual = brute_force(model, z, labels)
+    data = DataTerm(model, z, labels, batch_size=24)
+    metric, ridge = metric_of(prior, model, z, data.flat), 0.02
+    optimum = objective(j, residual, ridge, metric, closed_form(j, residual, ridge, metric))
+    for tolerance in (0.3, 0.1, 1e-2, 1e-3):
+        delta, certificate = solve(data, metric, ridge, tolerance=tolerance)
+        gap = objective(j, residual, ridge, metric, delta) - optimum
+        assert -1e-9 <= gap <= certificate.suboptimality_bound * (1 + 1e-9), (tolerance, gap, certificate)
+        assert certificate.relative_gradient_norm <= tolerance
+
+
+def test_one_lanczos_run_serves_every_ridge():
+    model, z, labels = problem(12)  # G has rank ≤ 36: Lanczos ends on an invariant subspace
+    j, residual = brute_force(model, z, labels)
+    data = DataTerm(model, z, labels, batch_size=12)
+    metric = metric_of("kfac", model, z, data.flat)
+    path = KrylovPath(data, metric, [1e-4], tolerance=1e-12, max_iterations=60)
+    assert path.iterations <= 37
+    for ridge in (1.0, 0.1, 1e-2, 1e-3):
+        expected = closed_form(j, residual, ridge, metric)
+        got = path.solution(ridge)
+        assert (got - expected).norm() / expected.norm() < 1e-7, ridge
+        certificate, _ = certify(data, metric, ridge, got)
+        assert certificate.relative_gradient_norm < 1e-7
+        assert path.residual(ridge) < 1e-7
+
+
+def test_scores_match_the_model():
+    model, z, labels = problem(9)
+    data = DataTerm(model, z, labels, batch_size=4)
+    delta = torch.randn(len(data.flat.zeros()), generator=torch.Generator().manual_seed(0)) * 1e-2
+    with torch.no_grad():
+        for name, part in data.flat.unflatten(delta).items():
+            model.linearized_parameters[name].copy_(part)
+    logits = model(trunk_output=z).detach()
+    targets = model.config.target_scale * torch.nn.functional.one_hot(labels, NUM_CLASSES)
+    scores = data.scores(delta)
+    assert scores["accuracy"] == float((logits.argmax(-1) == labels).double().mean())
+    assert scores["loss"] == pytest.approx(float(0.5 * (logits - targets).square().sum(-1).mean()), rel=1e-12)
+
+
+def test_flat_round_trip():
+    model = toy_model()
+    flat = Flat(model.linearization_point)
+    tensors = {n: torch.randn(t.shape) for n, t in model.linearization_point.items()}
+    assert all(torch.equal(tensors[n], t) for n, t in flat.unflatten(flat.flatten(tensors)).items())
