@@ -351,7 +351,7 @@ class LQFTrainer:
         if saved:
             kfac.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("kfac/")})
         else:
-            for z in batches():
+            for z in tqdm(batches(), desc="K-FAC at w0", disable=not (args.progress and acc.is_main_process)):
                 kfac.accumulate(model.tail_function(z), z.shape[0])
             kfac.finalize(lambda t: acc.reduce(t.to(acc.device), "sum"))
         return kfac

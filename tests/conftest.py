@@ -78,6 +78,15 @@ def build(family: str, dtype: torch.dtype = torch.float64, seed: int = 0, **conf
     return model, x
 
 
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for one test, without leaking it into other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

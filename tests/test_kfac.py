@@ -12,14 +12,7 @@ from torch.func import functional_call, jacrev
 from lqf_hub.errors import CurvatureError
 from lqf_hub.kfac import KFAC, _eigh
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Every tensor of these tests is float64, without leaking the default into other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor of these tests is float64
 
 
 def _deltas(net: nn.Module) -> dict[str, nn.Parameter]:

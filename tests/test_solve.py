@@ -8,13 +8,7 @@ from torch.func import jacrev
 from lqf_hub.kfac import KFAC
 from lqf_hub.solve import DataTerm, Flat, KrylovPath, PriorMetric, certify, solve
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor of these tests is float64
 
 
 def problem(n: int = 24):
