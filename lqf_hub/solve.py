@@ -20,7 +20,6 @@ or on any data order.
 """
 
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -266,7 +265,7 @@ def solve(
     if not ridge > 0:
         raise ValueError(f"`ridge` must be > 0 for a certified solve, got {ridge}.")
     delta = data.flat.zeros() if start is None else start.clone()
-    spent, started = 0, time.perf_counter()
+    spent = 0
     bar = tqdm(total=max_iterations, desc=f"conjugate gradients at λ={ridge:.3g}", disable=not progress)
     while True:
         certificate, gradient = certify(data, metric, ridge, delta, spent)

@@ -99,7 +99,8 @@ class LQFTrainer:
 
     # ------------------------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
-        """Run (or resume) training, save the model to ``output_dir/model``; returns one metrics dict per epoch."""
+        """Run (or resume) training, save the model to ``output_dir/model``; returns the metrics, one dict per
+        epoch of the SGD loop or one for the solver."""
         args, acc = self.args, self.accelerator
         set_seed(args.seed)
         model = self.model.to(acc.device)
