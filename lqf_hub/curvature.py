@@ -19,6 +19,21 @@ from .model import LQFModel
 Vector = dict[str, Tensor]
 
 
+def gauss_newton_batch(
+    model: LQFModel, trunk_output: Tensor, vector: Mapping[str, Tensor], base: Tensor | None = None
+) -> Vector:
+    """``Σ_i J_iᵀJ_i v`` over one batch of trunk outputs (one tangent pass, one backward pass).
+
+    ``base``: ``f(z; w0) [B, C]`` when already known (else it is computed).
+    """
+    directions = {n: v.detach().requires_grad_() for n, v in vector.items()}
+    tangent = linearized(model.tail_function(trunk_output), model.linearization_point, directions)
+    tangent = tangent - (model.base_forward(trunk_output=trunk_output) if base is None else base)
+    tangent = tangent.to(torch.promote_types(tangent.dtype, torch.float32))  # square half precision in float32
+    grads = torch.autograd.grad(0.5 * tangent.square().sum(), list(directions.values()), allow_unused=True)
+    return {n: torch.zeros_like(v) if g is None else g.detach() for (n, v), g in zip(directions.items(), grads)}
+
+
 def hessian_vector_product(
     model: LQFModel, batches: Sequence[Tensor], vector: Mapping[str, Tensor],
     reduce_mean: Callable[[Tensor], Tensor] = lambda t: t,
@@ -27,17 +42,13 @@ def hessian_vector_product(
 
     ``reduce_mean`` averages the data term across processes (each holding its slice of every batch).
     """
-    w0, total = model.linearization_point, sum(z.shape[0] for z in batches)
+    total = sum(z.shape[0] for z in batches)
     result = {n: torch.zeros_like(v) for n, v in vector.items()}
     for z in batches:
-        directions = {n: v.detach().requires_grad_() for n, v in vector.items()}
-        tangent = linearized(model.tail_function(z), w0, directions) - model.base_forward(trunk_output=z)
-        tangent = tangent.to(torch.promote_types(tangent.dtype, torch.float32))  # square half precision in float32
-        grads = torch.autograd.grad(0.5 * tangent.square().sum() / total, list(directions.values()))
-        for name, grad in zip(directions, grads):
-            result[name] += grad.detach()
+        for name, grad in gauss_newton_batch(model, z, vector).items():
+            result[name] += grad
     ridge = model.config.ridge
-    return {n: reduce_mean(r) + ridge * vector[n] for n, r in result.items()}
+    return {n: reduce_mean(r / total) + ridge * vector[n] for n, r in result.items()}
 
 
 def preconditioned_curvature(

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .curvature import gauss_newton_batch
 from .kfac import KFAC
 from .linearize import linearized
 from .model import LQFModel
@@ -135,13 +136,8 @@ class DataTerm:
         """``G·v = mean_i J_iᵀJ_i v``: ``[P] -> [P]`` (one linearized forward and backward pass over the data)."""
         total = self.flat.zeros()
         for rows in self._batches():
-            directions = {n: t.detach().requires_grad_() for n, t in self.flat.unflatten(vector).items()}
-            tangent = linearized(self.model.tail_function(self.z[rows]), self.model.linearization_point, directions)
-            tangent = tangent - self.f0[rows]
-            tangent = tangent.to(torch.promote_types(tangent.dtype, torch.float32))
-            grads = torch.autograd.grad(0.5 * tangent.square().sum(), list(directions.values()), allow_unused=True)
-            total += torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1).to(total.dtype)
-                                for g, t in zip(grads, directions.values())])
+            products = gauss_newton_batch(self.model, self.z[rows], self.flat.unflatten(vector), self.f0[rows])
+            total += self.flat.flatten(products).to(total.dtype)
         return self._mean(total)
 
     @torch.no_grad()

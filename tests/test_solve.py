@@ -38,6 +38,14 @@ def metric_of(prior: str, model, z, flat) -> PriorMetric:
     return PriorMetric(flat, kfac)
 
 
+def setup(prior: str, batch_size: int):
+    """Brute-force J and αY − F0, the solver's data term and the prior's metric on 24 toy images."""
+    model, z, labels = problem()
+    j, residual = brute_force(model, z, labels)
+    data = DataTerm(model, z, labels, batch_size=batch_size)
+    return j, residual, data, metric_of(prior, model, z, data.flat)
+
+
 def closed_form(j, residual, ridge, metric) -> torch.Tensor:
     """(JᵀJ + NλM)⁻¹Jᵀ(αY − F0), in its dual form M⁻¹Jᵀ(JM⁻¹Jᵀ + NλI)⁻¹(αY − F0) (P is large, N·C small)."""
     n = j.shape[0] // NUM_CLASSES
@@ -52,10 +60,8 @@ def objective(j, residual, ridge, metric, delta) -> float:
 
 @pytest.mark.parametrize("prior", ["isotropic", "kfac"])
 def test_solution_is_the_closed_form_to_1e_8(prior):
-    model, z, labels = problem()
-    j, residual = brute_force(model, z, labels)
-    data = DataTerm(model, z, labels, batch_size=8)
-    metric, ridge = metric_of(prior, model, z, data.flat), 0.05
+    j, residual, data, metric = setup(prior, batch_size=8)
+    ridge = 0.05
     expected = closed_form(j, residual, ridge, metric)
     delta, certificate = solve(data, metric, ridge, tolerance=1e-11)
     assert (delta - expected).norm() / expected.norm() < 1e-8
@@ -65,10 +71,8 @@ def test_solution_is_the_closed_form_to_1e_8(prior):
 
 @pytest.mark.parametrize("prior", ["isotropic", "kfac"])
 def test_the_certificate_bounds_the_true_suboptimality(prior):
-    model, z, labels = problem()
-    j, residual = brute_force(model, z, labels)
-    data = DataTerm(model, z, labels, batch_size=24)
-    metric, ridge = metric_of(prior, model, z, data.flat), 0.02
+    j, residual, data, metric = setup(prior, batch_size=24)
+    ridge = 0.02
     optimum = objective(j, residual, ridge, metric, closed_form(j, residual, ridge, metric))
     for tolerance in (0.3, 0.1, 1e-2, 1e-3):
         delta, certificate = solve(data, metric, ridge, tolerance=tolerance)
