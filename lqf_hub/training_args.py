@@ -35,7 +35,7 @@ class Preconditioner(str, enum.Enum):
 
 
 class KFACOutputs(str, enum.Enum):
-    AUTO = "auto"  # exact up to 32 classes, sampled above
+    AUTO = "auto"  # SGD preconditioner: exact up to 32 classes, sampled above; solver prior: sampled
     EXACT = "exact"  # one backward pass per class
     SAMPLED = "sampled"  # one Gaussian output vector per sample
 
@@ -57,7 +57,7 @@ class LQFTrainingArguments:
 
     output_dir: str = field(default="lqf-output", metadata={"help": "Where the model, metrics and checkpoints go."})
     method: str = field(
-        default="sgd",
+        default=Method.SOLVE.value,
         metadata={"help": "'solve': the certified optimum, λ chosen on held-out training images; 'sgd': the "
                           "early-stopped preconditioned SGD loop (for augmentation or data too large to cache).",
                   "choices": Method},
@@ -68,7 +68,7 @@ class LQFTrainingArguments:
                           "--damping) or 'isotropic' (M = I).", "choices": Prior},
     )
     ridge_grid: list[float] = field(
-        default_factory=lambda: [10.0, 3.0, 1.0, 0.3, 0.1],
+        default_factory=lambda: [1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1],
         metadata={"help": "λ values 'solve' chooses from on the held-out images (one value: no choice). With the "
                           "K-FAC prior λ = 1 weighs the prior as much as the data."},
     )
@@ -146,9 +146,6 @@ class LQFTrainingArguments:
             raise ValueError(f"`tolerance` must be in (0, 1), got {self.tolerance}.")
         if self.method == Method.SOLVE.value and self.prior == Prior.KFAC.value and not self.damping > 0:
             raise ValueError("The K-FAC prior needs `damping` > 0 (its metric would be singular).")
-        if self.method == Method.SOLVE.value and not self.cache_trunk:
-            raise ValueError("method='solve' works on the cached trunk outputs (cache_trunk=True); for augmentation "
-                             "on the fly use method='sgd'.")
 
     def settings_fingerprint(self, model: "LQFModel") -> str:
         """What a checkpoint must agree on to be resumed: the optimisation and the model, not the run's length,

@@ -37,11 +37,12 @@ def trained(tmp_path_factory) -> Path:
     return output
 
 
-def test_train_writes_checkpoint_card_metrics_and_curves(trained):
+def test_train_writes_checkpoint_card_metrics_and_path(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["train_samples"] == 40 and metrics["eval_samples"] == 30
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and 0.0 <= metrics["probe_accuracy"] <= 1.0
-    assert (trained / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert metrics["method"] == "solve" and metrics["relative_gradient_norm"] <= 1e-4  # the default: the optimum
+    assert (trained / "path.png").read_bytes()[:4] == b"\x89PNG"
     model = LQFModel.from_pretrained(trained / "model")
     assert model.data_config["input_size"] == [3, 32, 32]  # the training resolution is part of the checkpoint
     assert model.training_summary["metrics"]["accuracy"] == metrics["test_accuracy"]
@@ -132,7 +133,9 @@ def test_debug_shows_the_traceback(capsys):
 
 def test_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["train", *TINY, "--no-probe"]
+    # the SGD loop: its δ is a function of the data order, so two processes must split it as one; the solver's
+    # optimum does not depend on the order at all (test_train.py checks it under two processes)
+    common = ["train", *TINY, "--method", "sgd", "--no-probe"]
     subprocess.run([sys.executable, "-m", "lqf_hub", *common, "--output-dir", str(tmp_path / "one")],
                    check=True, env=env, timeout=600, capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -231,9 +234,10 @@ def test_resume_on_another_dataset_is_refused(tmp_path, capsys):
     output = tmp_path / "out"
     common = ["--shots", "4", "--eval-per-class", "3", "--image-size", "32", "--batch-size", "8", "--linearize", "bn2",
               "--no-probe", "--output-dir", str(output)]
-    assert main(["train", "--dataset", "mnist-5k", "--epochs", "1", *common]) == 0
+    assert main(["train", "--dataset", "mnist-5k", "--method", "sgd", "--epochs", "1", *common]) == 0
     checkpoint = output / "checkpoints" / "epoch-1"
-    code, _, err = run(capsys, "train", "--dataset", "fashion-mnist", "--epochs", "2", "--resume-from", str(checkpoint),
+    code, _, err = run(capsys, "train", "--dataset", "fashion-mnist", "--method", "sgd", "--epochs", "2",
+                       "--resume-from", str(checkpoint),
                        *common)
     assert code == 2 and "another training set" in err, err
 

@@ -2,13 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from test_train import closed_form, deltas, toy_images, toy_model
 
 from lqf_hub import CheckpointError, LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub.optimum import stratified_split
+from lqf_hub.optimum import _standard_error, stratified_split
 
 
 def solve(model, data, tmp_path, name="run", eval_data=None, **args):
@@ -34,8 +35,9 @@ def test_ridge_is_chosen_on_held_out_training_images_and_reported(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "selection" / "trainer_state.json").read_text())
     path = state["selection"]["path"]
     assert [p["ridge"] for p in path] == [1.0, 0.1, 0.01, 0.001]
-    best = max(path, key=lambda p: (p["validation_accuracy"], -p["validation_loss"]))
-    assert record["ridge"] == best["ridge"] == state["selection"]["ridge"]
+    best = min(path, key=lambda p: p["validation_loss"])  # the one-standard-error rule
+    chosen = max(p["ridge"] for p in path if p["validation_loss"] <= best["validation_loss"] + best["standard_error"])
+    assert record["ridge"] == chosen == state["selection"]["ridge"]
     assert (tmp_path / "run" / "path.png").read_bytes()[:4] == b"\x89PNG"
     assert record["relative_gradient_norm"] <= 1e-4
     saved = LQFModel.from_pretrained(tmp_path / "run" / "model")
@@ -69,3 +71,10 @@ def test_stratified_split_holds_out_every_class():
 def test_solve_needs_the_trunk_cache(tmp_path):
     with pytest.raises(ValueError, match="method='sgd'"):
         solve(toy_model(), toy_images(6, seed=1), tmp_path, cache_trunk=False)
+
+
+def test_standard_error_is_the_textbook_one():
+    values = torch.tensor([0.3, -1.0, 2.5, 0.0, 1.1], dtype=torch.float64)
+    data = type("Held", (), {"count": 5, "reduce_sum": staticmethod(lambda t: t)})()
+    expected = float(np.std(values.numpy(), ddof=1) / np.sqrt(5))
+    assert _standard_error(values, data) == pytest.approx(expected, rel=1e-12)

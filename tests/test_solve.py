@@ -19,6 +19,11 @@ def problem(n: int = 24):
     return model, z, labels
 
 
+def _keys(n: int) -> torch.Tensor:
+    """Distinct stand-ins for content digests: ``[n, 32]`` uint8."""
+    return torch.arange(n, dtype=torch.int64)[:, None].repeat(1, 4).view(torch.uint8)
+
+
 def brute_force(model, z, labels):
     """J [N·C, P], residual αY − F0 [N·C], by jacrev over the whole network tail."""
     jac = jacrev(model.tail_function(z))(dict(model.linearization_point))
@@ -42,7 +47,7 @@ def setup(prior: str, batch_size: int):
     """Brute-force J and αY − F0, the solver's data term and the prior's metric on 24 toy images."""
     model, z, labels = problem()
     j, residual = brute_force(model, z, labels)
-    data = DataTerm(model, z, labels, batch_size=batch_size)
+    data = DataTerm(model, z, labels, _keys(len(labels)), batch_size=batch_size)
     return j, residual, data, metric_of(prior, model, z, data.flat)
 
 
@@ -84,7 +89,7 @@ def test_the_certificate_bounds_the_true_suboptimality(prior):
 def test_one_lanczos_run_serves_every_ridge():
     model, z, labels = problem(12)  # G has rank ≤ 36: Lanczos ends on an invariant subspace
     j, residual = brute_force(model, z, labels)
-    data = DataTerm(model, z, labels, batch_size=12)
+    data = DataTerm(model, z, labels, _keys(len(labels)), batch_size=12)
     metric = metric_of("kfac", model, z, data.flat)
     path = KrylovPath(data, metric, [1e-4], tolerance=1e-12, max_iterations=60)
     assert path.iterations <= 37
@@ -99,7 +104,7 @@ def test_one_lanczos_run_serves_every_ridge():
 
 def test_scores_match_the_model():
     model, z, labels = problem(9)
-    data = DataTerm(model, z, labels, batch_size=4)
+    data = DataTerm(model, z, labels, _keys(len(labels)), batch_size=4)
     delta = torch.randn(len(data.flat.zeros()), generator=torch.Generator().manual_seed(0)) * 1e-2
     with torch.no_grad():
         for name, part in data.flat.unflatten(delta).items():
@@ -116,3 +121,28 @@ def test_flat_round_trip():
     flat = Flat(model.linearization_point)
     tensors = {n: torch.randn(t.shape) for n, t in model.linearization_point.items()}
     assert all(torch.equal(tensors[n], t) for n, t in flat.unflatten(flat.flatten(tensors)).items())
+
+
+def test_sampled_prior_depends_on_the_set_of_images_only():
+    """Output vectors drawn from each image's key: another order and another batching give the same factors
+    (with a shared random stream they would not)."""
+    model, z, labels = problem()
+    keys = _keys(len(labels))
+
+    def factors(order, batch_size):
+        kfac = KFAC(model.linearization_point, model.linearized_parameters, ridge=0.0, damping=0.3, outputs="sampled")
+        for rows in order.split(batch_size):
+            kfac.accumulate(model.tail_function(z[rows]), len(rows), keys[rows])
+        kfac.finalize()
+        rebuilt = {f"diag/{n}": d for n, d in kfac.diag_eig.items()}
+        for name, block in kfac.blocks.items():
+            for side in ("a", "b"):
+                basis = block.eig[f"basis_{side}"]
+                rebuilt[f"{name}/{side}"] = basis @ torch.diag_embed(block.eig[f"eig_{side}"]) @ basis.transpose(-1, -2)
+        return rebuilt
+
+    reference = factors(torch.arange(len(labels)), 8)
+    shuffled = factors(torch.randperm(len(labels), generator=torch.Generator().manual_seed(3)), 5)
+    assert reference.keys() == shuffled.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(shuffled[name], value, rtol=1e-9, atol=1e-12)
