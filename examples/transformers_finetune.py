@@ -38,7 +38,7 @@ def main() -> None:
     if args.offline:
         model.set_image_size(64)
     trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
-                         LQFTrainingArguments(output_dir="transformers-output", epochs=5, batch_size=20, eval_every=5))
+                         LQFTrainingArguments(output_dir="transformers-output"))
     print(f"test accuracy: {trainer.train()[-1]['eval_accuracy']:.1%}")  # the model is in transformers-output/model
 
 

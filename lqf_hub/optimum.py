@@ -25,9 +25,10 @@ from torch import Tensor
 from .solve import DataTerm, KrylovPath, PriorMetric
 
 
-SELECTION_TOLERANCE = 1e-2
+SELECTION_TOLERANCE = 3e-2
 """Relative gradient norm of the path's solutions at the grid's smallest λ: scoring needs their predictions,
-not a certificate (on the default task, held-out losses move by < 0.3% between 1e-2 and 1e-3)."""
+not a certificate. On the default task (Fashion-MNIST, 800 + 200 images) every λ's held-out loss was within
+0.02 of its value at 1e-3 once the residual was below 4e-2 — a hundredth of its standard error (≈ 1.4)."""
 
 
 @dataclass

@@ -108,6 +108,7 @@ def _save_dataset_without_labels(path: Path) -> None:
         (["--shots", "7000", "--dataset", "mnist-5k"], "shots=7000 but class '0' has only"),
         (["--model", "efficientnet_lite7"], "Unknown timm model 'efficientnet_lite7'"),
         (["--output-dir", "{foreign}"], "exists and was not written by lqf-hub; choose another or pass --overwrite"),
+        (["--augment"], "--augment needs --method sgd"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, capsys, tmp_path, fake_hub):
