@@ -9,7 +9,7 @@ one-standard-error rule picks λ as `lqf-hub train` does. The test split is neve
         --variants default linearize=last:1 activation=none activation=leaky target_scale=5 target_scale=45 \\
         --out benchmarks/results/defaults_validation.jsonl
     python benchmarks/defaults.py summary benchmarks/results/defaults_validation.jsonl \\
-        --report benchmarks/results/defaults.md
+        --report benchmarks/results/defaults_validation.md
 
 Finished (dataset, shots, seed, variant) rows are skipped when ``--out`` already holds them.
 """

@@ -78,3 +78,11 @@ def test_standard_error_is_the_textbook_one():
     data = type("Held", (), {"count": 5, "reduce_sum": staticmethod(lambda t: t)})()
     expected = float(np.std(values.numpy(), ddof=1) / np.sqrt(5))
     assert _standard_error(values, data) == pytest.approx(expected, rel=1e-12)
+
+
+def test_select_ridge_alone_scores_the_grid_and_writes_nothing(tmp_path):
+    args = LQFTrainingArguments(method="solve", progress=False, output_dir=str(tmp_path / "out"), ridge_grid=[1.0, 0.1])
+    selection = LQFTrainer(toy_model(torch.float32), toy_images(30, seed=3), None, args).select_ridge()
+    assert [p.ridge for p in selection.points] == [1.0, 0.1] and selection.ridge in (1.0, 0.1)
+    assert all(0 <= p.validation_accuracy <= 1 and p.standard_error > 0 for p in selection.points)
+    assert not (tmp_path / "out").exists()
