@@ -5,12 +5,15 @@ solver's own split holds out 20% of them per class (stratified, seeded by conten
 setting gives the optimum at every λ of a wide grid, scored on the held-out images, and the
 one-standard-error rule picks λ as `lqf-hub train` does. The test split is never loaded.
 
-    python benchmarks/defaults.py run --datasets fashion-mnist mnist-5k --shots 10 --seeds 0 1 2 \\
-        --variants default linearize=last:1 activation=none activation=leaky target_scale=5 target_scale=45 \\
+    python benchmarks/defaults.py run --datasets fashion-mnist mnist-5k --shots 100 --seeds 0 1 \
+        --variants default linearize=last:1 --out benchmarks/results/defaults_validation.jsonl
+    python benchmarks/defaults.py run --datasets fashion-mnist mnist-5k --shots 10 --seeds 0 1 2 \
+        --variants default linearize=last:1 activation=none activation=leaky target_scale=5 target_scale=45 \
         --out benchmarks/results/defaults_validation.jsonl
-    python benchmarks/defaults.py summary benchmarks/results/defaults_validation.jsonl \\
+    python benchmarks/defaults.py summary benchmarks/results/defaults_validation.jsonl \
         --report benchmarks/results/defaults_validation.md
 
+(The recorded file holds what these reached in the time they had; the report gives n per cell.)
 Finished (dataset, shots, seed, variant) rows are skipped when ``--out`` already holds them.
 """
 
@@ -92,7 +95,7 @@ def summary(args) -> None:
         "`lqf-hub train` draws them; 20% of them per class held out by the solver's split; **no test image "
         "is read**). Each cell: held-out accuracy % at the λ the one-standard-error rule picks from the grid "
         f"{WIDE_GRID}, mean ± sd over seeds (n = seeds), then the mean held-out loss (MSE to α·one-hot; "
-        "comparable only between variants with the same α).",
+        "comparable only between variants with the same α). Commands: the docstring of `benchmarks/defaults.py`.",
         "",
         "| variant | " + " | ".join(f"{d} {s}-shot" for d, s in tasks) + " |",
         "|---|" + "---:|" * len(tasks),
