@@ -7,7 +7,7 @@
    regularised model that the held-out images cannot tell from the best (Breiman et al. 1984; Hastie,
    Tibshirani & Friedman, Elements of Statistical Learning §7.10). Larger λ is also faster to certify.
 3. Refit on all training images at that λ by conjugate gradients until the certificate holds
-   (``solve.solve``; from zero, where the right-hand side's spectrum makes CG converge fastest).
+   (``solve.solve``; from zero: warm starts from the path's solution or its Ritz vectors saved nothing measurable).
 
 With the K-FAC prior, M is built from the data term's own curvature, so λ is on the same scale for every
 backbone and dataset (λ = 1: the prior weighs as much as the data).
