@@ -154,12 +154,6 @@ class DataTerm:
             correct.append(out.argmax(-1) == self.labels[rows])
         return torch.cat(losses), torch.cat(correct)
 
-    def scores(self, delta: Tensor) -> dict[str, float]:
-        """Accuracy and mean ½‖f_lin − αy‖² of ``f0 + J·δ`` on these samples (all processes)."""
-        losses, correct = self.sample_scores(delta)
-        return {"accuracy": float(self.reduce_sum(correct.double().sum()[None])) / self.count,
-                "loss": float(self.reduce_sum(losses.sum()[None])) / self.count}
-
 
 # ------------------------------------------------------------------------------------ every λ at once
 class KrylovPath:

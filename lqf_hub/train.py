@@ -360,7 +360,7 @@ class LQFTrainer:
         if self.args.preconditioner == Preconditioner.NONE.value:
             return None
         args, model = self.args, self.model
-        outputs = args.kfac_outputs if args.kfac_outputs != "auto" else "exact" if model.num_classes <= 32 else "sampled"
+        outputs = args.kfac_outputs if args.kfac_outputs != KFACOutputs.AUTO.value else "exact" if model.num_classes <= 32 else "sampled"
         return self._kfac(model.config.ridge, saved, lambda: ((z, None) for z in self._curvature_batches()), outputs,
                           seed=args.seed)
 
