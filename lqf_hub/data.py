@@ -1,7 +1,7 @@
 """Image classification data as Hugging Face datasets: built-in offline sets, local folders, the Hub.
 
-Every loader returns a ``datasets.Dataset`` with an ``image`` column (PIL images) and a ``label``
-column (``ClassLabel``). ``with_transform`` turns it into ``{"pixel_values": [3, H, W], "label": int}``
+Every loader returns a ``datasets.Dataset`` with an ``image`` column (PIL images; ``[H, W]`` uint8
+arrays for the built-in sets) and a ``label`` column (``ClassLabel``). ``with_transform`` turns it into ``{"pixel_values": [3, H, W], "label": int}``
 items using the backbone's own preprocessing (timm ``create_transform`` with the model's data config).
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from timm.data import create_transform
@@ -65,12 +66,17 @@ def class_names(dataset: datasets.Dataset) -> list[str]:
     return list(dataset.features["label"].names)
 
 
+def label_array(dataset: datasets.Dataset) -> np.ndarray:
+    """The ``label`` column as ``[N]`` integers, read through Arrow (a Python list of 60000 took 3 s)."""
+    return dataset.with_format("arrow", columns=["label"])[:]["label"].to_numpy()
+
+
 def sample_shots(dataset: datasets.Dataset, shots: int, seed: int = 0, *, at_most: bool = False) -> datasets.Dataset:
     """A stratified subset with ``shots`` images of every class, chosen with ``seed``; with ``at_most``,
     a class with fewer images keeps all of them instead of being an error."""
     if shots < 1:
         raise ValueError(f"`shots` must be >= 1, got {shots}.")
-    labels = np.asarray(dataset["label"])
+    labels = label_array(dataset)
     rng = np.random.default_rng(seed)
     chosen = []
     for c, name in enumerate(class_names(dataset)):
@@ -87,7 +93,7 @@ def split_validation(dataset: datasets.Dataset, fraction: float, seed: int = 0) 
     """(train, validation): a stratified split keeping at least one image of each class on each side."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"The validation fraction must be in (0, 1), got {fraction}.")
-    labels = np.asarray(dataset["label"])
+    labels = label_array(dataset)
     rng = np.random.default_rng(seed)
     held = []
     for c in range(len(class_names(dataset))):
@@ -112,8 +118,9 @@ def with_transform(dataset: datasets.Dataset, data_config: dict[str, Any], augme
     def apply(batch: dict[str, list]) -> dict[str, list]:
         pixels = []
         for image in batch["image"]:
-            if not isinstance(image, Image.Image):
-                image = Image.fromarray(np.asarray(image))
+            if not isinstance(image, Image.Image):  # arrays come as nested lists of Python ints
+                array = np.asarray(image)
+                image = Image.fromarray(array.astype(np.uint8) if array.dtype.kind in "iu" else array)
             pixels.append(transform(image.convert("RGB")))
         return {"pixel_values": pixels, "label": batch["label"]}
 
@@ -158,8 +165,16 @@ def _mnist_5k(split: str) -> datasets.Dataset:
 
 
 def _in_memory(images: np.ndarray, labels: np.ndarray, names: list[str]) -> datasets.Dataset:
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    return datasets.Dataset.from_dict({"image": list(images), "label": labels.astype(np.int64)}, features=features)
+    """``images [N, H, W]`` (uint8) as an ``Array2D`` column built directly in Arrow: encoding 60000 images as
+    PNG for an ``Image`` column took 15 s, this takes a fraction of a second."""
+    count, height, width = images.shape
+    image_type = datasets.Array2D((height, width), "uint8")()
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(images).reshape(-1)), width)
+    grid = pa.FixedSizeListArray.from_arrays(rows, height).cast(image_type.storage_type)
+    table = pa.table({"image": pa.ExtensionArray.from_storage(image_type, grid), "label": labels.astype(np.int64)})
+    features = datasets.Features({"image": datasets.Array2D((height, width), "uint8"),
+                                  "label": datasets.ClassLabel(names=names)})
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features))
 
 
 BUILTIN = {"fashion-mnist": _fashion_mnist, "mnist-5k": _mnist_5k}

@@ -1,16 +1,15 @@
 """Training LQF models with Accelerate: one CPU to many GPUs (``accelerate launch``).
 
-The recipe of the paper: squared loss to α·one-hot targets with a ridge towards w0, gradients
-preconditioned by K-FAC computed once at w0, SGD with momentum. The frozen trunk's outputs are computed
-once and cached when the data is not augmented (``cache.py``), so an epoch costs only the linearized tail.
-``batch_size`` is the global batch: every process takes its slice, so results do not depend on the
-number of processes. The run ends with the model saved to ``output_dir/model`` (card included) and,
+Two methods: the certified optimum of the LQF objective with λ chosen on held-out training images
+(``method="solve"``, ``solve.py`` and ``optimum.py``; the default), or the paper's early-stopped loop
+(``method="sgd"``, ``sgd.py``). The frozen trunk's outputs are computed once and cached when the data is not
+augmented (``cache.py``), so each pass costs only the linearized tail. Every process takes its slice of the
+data, so results do not depend on the number of processes. The run ends with the model saved to ``output_dir/model`` (card included) and,
 if asked, pushed to the Hub.
 """
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .cache import TrunkCache, cache_trunk_outputs, dataset_fingerprint
 from .checkpoint import TrainerState, load_trainer_checkpoint, prune_checkpoints, save_trainer_checkpoint
-from .curvature import preconditioned_curvature
 from .data import collate
-from .errors import CheckpointError, TrainingDiverged
+from .errors import CheckpointError
 from .files import atomic_write_text
-from .kfac import KFAC, condition_number
-from .loss import Loss, data_loss, ridge_penalty
+from .kfac import KFAC
+from .loss import data_loss
 from .model import LQFModel
 from .optimum import Selection, plot_path, select_ridge
+from .sgd import SGDLoop
 from .solve import DataTerm, Flat, PriorMetric, solve
-from .training_args import KFACOutputs, LQFTrainingArguments, Method, Preconditioner, Prior, Schedule
+from .training_args import KFACOutputs, LQFTrainingArguments, Method, Prior
 
 
 def process_state() -> PartialState:
@@ -40,23 +39,6 @@ def process_state() -> PartialState:
     otherwise accelerate (seen with 1.15) turns a multi-process `accelerate launch` on a CPU-only machine
     into N unconnected single-process runs."""
     return PartialState(cpu=not torch.accelerator.is_available())
-
-
-class _EpochPermutation(Sampler[int]):
-    """A fresh permutation every epoch, from ``seed + epoch``: resumable and process-count independent."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class LQFTrainer:
@@ -93,9 +75,7 @@ class LQFTrainer:
             )
         self.output_dir = Path(self.args.output_dir)
         self.history: list[dict[str, Any]] = []
-        self.learning_rate: float | None = None
         self._inputs: dict[str, Dataset] = {}
-        self._batches: list[torch.Tensor] | None = None  # the curvature batches, trunk outputs
 
     # ------------------------------------------------------------------------------------- train
     def train(self) -> list[dict[str, Any]]:
@@ -120,67 +100,9 @@ class LQFTrainer:
         if args.method == Method.SOLVE.value:
             self._solve(train_data, eval_data, settings, data, saved, resumed)
         else:
-            self._descend(train_data, eval_data, settings, data, saved, resumed)
+            SGDLoop(self).run(train_data, eval_data, settings, data, saved, resumed)
         self._finish()
         return self.history
-
-    def _descend(self, train_data: Dataset, eval_data: Dataset | None, settings: str, data: str,
-                 saved: dict[str, torch.Tensor], resumed: TrainerState | None) -> None:
-        """The SGD loop: K-FAC-preconditioned momentum SGD, early-stopped after ``epochs``."""
-        args, acc, model = self.args, self.accelerator, self.model
-        kfac = self._preconditioner(saved)
-        self.learning_rate = resumed.learning_rate if resumed else args.learning_rate or self._step_size(kfac)
-        optimizer = torch.optim.SGD(model.delta.parameters(), lr=self.learning_rate, momentum=args.momentum)
-        # full batches only: a small last batch would weigh its samples more and destabilise momentum SGD
-        loader = DataLoader(train_data, batch_size=min(args.batch_size, len(train_data)),
-                            sampler=_EpochPermutation(len(train_data), args.seed),
-                            collate_fn=self._collate, num_workers=args.num_workers, drop_last=True)
-        start_epoch, step = 0, 0
-        if resumed is not None:
-            start_epoch, step, self.history = resumed.epoch, resumed.step, resumed.history
-            _restore(model, optimizer, saved)
-        ddp_model, prepared_optimizer, loader = acc.prepare(model, optimizer, loader)
-        self._start_log()
-        total_steps = args.epochs * math.ceil(len(loader) / args.gradient_accumulation_steps)
-        first_loss = self.history[0]["train_loss_first_batch"] if self.history else None
-        for epoch in range(start_epoch, args.epochs):
-            loader.set_epoch(epoch)  # the prepared loader passes it on to the sampler; it would count from 0 on resume
-            ddp_model.train()
-            losses, started = [], time.perf_counter()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not (args.progress and acc.is_main_process))
-            for inputs, labels in bar:
-                if not args.cache_trunk:
-                    self._check_labels(labels, "train")
-                with acc.accumulate(ddp_model):
-                    logits = ddp_model(**inputs)
-                    loss = data_loss(logits, labels, model.config.target_scale, Loss(args.loss))
-                    total = loss + ridge_penalty(model.delta.values(), model.config.ridge)
-                    acc.backward(total)
-                    if acc.sync_gradients:
-                        if kfac is not None:
-                            kfac.precondition({n: d.grad for n, d in model.linearized_parameters.items()})
-                        for group in optimizer.param_groups:
-                            group["lr"] = self.learning_rate * _schedule(args.lr_schedule, step, total_steps)
-                        step += 1
-                    prepared_optimizer.step()
-                    prepared_optimizer.zero_grad(set_to_none=True)
-                value = float(acc.reduce(total.detach(), "mean"))
-                first_loss = first_loss if first_loss is not None else value
-                self._guard(value, first_loss, epoch)
-                losses.append(value)
-                bar.set_postfix(loss=f"{value:.4f}")
-            record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "train_loss_first_batch": first_loss,
-                      "learning_rate": self.learning_rate, "seconds": time.perf_counter() - started}
-            if kfac is not None and epoch == 0:
-                record["kfac_condition_number"] = condition_number(kfac)
-            last = epoch + 1 == args.epochs
-            if eval_data is not None and ((epoch + 1) % args.eval_every == 0 or last):
-                record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
-            self._log(record)
-            if (epoch + 1) % args.save_every == 0 or last:
-                self._checkpoint(f"epoch-{epoch + 1}",
-                                 TrainerState(epoch + 1, step, self.learning_rate, settings, data, self.history),
-                                 _state_tensors(model, optimizer, kfac))
 
     def _solve(self, train_data: TrunkCache, eval_data: Dataset | None, settings: str, data: str,
                saved: dict[str, torch.Tensor], resumed: TrainerState | None) -> None:
@@ -238,8 +160,6 @@ class LQFTrainer:
         """Curves, the model with its training summary, the Hub."""
         acc = self.accelerator
         self.model.training_summary = self._summary()
-        if acc.is_main_process and self.args.method == Method.SGD.value:
-            plot_history(self.history, self.output_dir / "curves.png")
         self.save_model()
         if self.args.push_to_hub:
             self.push_to_hub()
@@ -355,15 +275,6 @@ class LQFTrainer:
         outputs = "exact" if self.args.kfac_outputs == KFACOutputs.EXACT.value else "sampled"
         return self._kfac(0.0, saved, data.trunk_batches, outputs, seed=0)
 
-    def _preconditioner(self, saved: dict[str, torch.Tensor]) -> KFAC | None:
-        """The SGD loop's K-FAC at w0, from the first ``kfac_batches`` batches."""
-        if self.args.preconditioner == Preconditioner.NONE.value:
-            return None
-        args, model = self.args, self.model
-        outputs = args.kfac_outputs if args.kfac_outputs != KFACOutputs.AUTO.value else "exact" if model.num_classes <= 32 else "sampled"
-        return self._kfac(model.config.ridge, saved, lambda: ((z, None) for z in self._curvature_batches()), outputs,
-                          seed=args.seed)
-
     def _kfac(self, ridge: float, saved: dict[str, torch.Tensor], batches, outputs: str, seed: int) -> KFAC:
         """K-FAC damped by ``ridge`` and ``damping``: restored from a checkpoint, or computed once from
         ``batches()`` (pairs of trunk outputs and keys or None) and all-reduced."""
@@ -378,22 +289,6 @@ class LQFTrainer:
             kfac.finalize(lambda t: acc.reduce(t.to(acc.device), "sum"))
         return kfac
 
-    def _curvature_batches(self) -> list[torch.Tensor]:
-        """The first ``kfac_batches`` batches (fixed order) as trunk outputs: for K-FAC and the step size."""
-        acc, model, train_data = self.accelerator, self.model, self.inputs("train")
-        if self._batches is None:
-            loader = acc.prepare_data_loader(DataLoader(
-                train_data, batch_size=min(self.args.batch_size, len(train_data)), collate_fn=self._collate,
-                sampler=_EpochPermutation(len(train_data), self.args.seed + 10**6), drop_last=True))
-            self._batches = []
-            for inputs, _ in tqdm(loader, total=min(self.args.kfac_batches, len(loader)), desc="curvature at w0",
-                                  disable=not (self.args.progress and acc.is_main_process)):
-                z = inputs.get("trunk_output")
-                self._batches.append(model.encode_trunk(inputs["pixel_values"]) if z is None else z)
-                if len(self._batches) == self.args.kfac_batches:
-                    break
-        return self._batches
-
     def _data_term(self, cache: TrunkCache, rows: torch.Tensor | None) -> DataTerm:
         """The data term of the objective over the cached rows ``rows`` (default all), sharded over processes."""
         acc = self.accelerator
@@ -402,15 +297,6 @@ class LQFTrainer:
         return DataTerm(self.model, values, labels, keys, batch_size=self.args.eval_batch_size,
                         reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"), rank=acc.process_index,
                         world=acc.num_processes)
-
-    def _step_size(self, kfac: KFAC | None) -> float:
-        acc = self.accelerator
-        reduce = (lambda t: acc.reduce(t, "mean")) if acc.num_processes > 1 else (lambda t: t)
-        largest = preconditioned_curvature(self.model, self._curvature_batches()[:2], kfac, reduce, self.args.seed)
-        if not math.isfinite(largest) or largest <= 0:
-            raise TrainingDiverged(f"The curvature estimate is {largest}; pass --learning-rate explicitly.")
-        # with momentum β the stochastic iteration needs the step of plain SGD scaled by (1 − β)
-        return (1.0 - self.args.momentum) / largest
 
     # ------------------------------------------------------------------------------ persistence
     def _load_resume(self, settings: str) -> tuple[dict[str, torch.Tensor], TrainerState | None]:
@@ -447,14 +333,6 @@ class LQFTrainer:
             prune_checkpoints(parent, keep=2, protect=Path(self.args.resume_from) if self.args.resume_from else None)
         self.accelerator.wait_for_everyone()
 
-    def _guard(self, loss: float, first: float, epoch: int) -> None:
-        if not math.isfinite(loss) or loss > self.args.divergence_factor * max(first, 1e-12):
-            kept = f" The checkpoint of epoch {epoch} is kept in {self.output_dir / 'checkpoints'}." if epoch else ""
-            raise TrainingDiverged(
-                f"Training diverged in epoch {epoch + 1}: loss {loss:.4g} (first batch {first:.4g}). "
-                f"Lower --learning-rate (now {self.learning_rate:.3g}) or raise --damping (now {self.args.damping}).{kept}"
-            )
-
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         acc = self.accelerator
@@ -467,56 +345,3 @@ class LQFTrainer:
         tqdm.write(f"epoch {record['epoch']}: {summary}" if "epoch" in record else summary)
 
 
-def _state_tensors(model: LQFModel, optimizer: torch.optim.SGD, kfac: KFAC | None) -> dict[str, torch.Tensor]:
-    """Everything a resumed run needs as tensors: δ, momentum buffers, K-FAC."""
-    tensors = {}
-    for name, delta in model.linearized_parameters.items():
-        tensors[f"delta/{name}"] = delta.detach()
-        buffer = optimizer.state.get(delta, {}).get("momentum_buffer")
-        if buffer is not None:
-            tensors[f"momentum/{name}"] = buffer
-    if kfac is not None:
-        tensors.update({f"kfac/{k}": v for k, v in kfac.state_dict().items()})
-    return tensors
-
-
-def _restore(model: LQFModel, optimizer: torch.optim.SGD, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, delta in model.linearized_parameters.items():
-            delta.copy_(tensors[f"delta/{name}"])
-            if f"momentum/{name}" in tensors:
-                optimizer.state[delta]["momentum_buffer"] = tensors[f"momentum/{name}"].to(delta)
-
-
-def _schedule(kind: str, step: int, total_steps: int) -> float:
-    """Factor of the step size at optimizer step ``step`` (0-based)."""
-    if kind == Schedule.CONSTANT.value:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy curves per epoch as a PNG (written atomically)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .files import atomic_write_bytes
-
-    evaluated = [r for r in history if "eval_loss" in r]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot([r["epoch"] for r in history], [r["train_loss"] for r in history], "o-", label="train")
-    if evaluated:
-        ax_loss.plot([r["epoch"] for r in evaluated], [r["eval_loss"] for r in evaluated], "o-", label="eval")
-        ax_acc.plot([r["epoch"] for r in evaluated], [100 * r["eval_accuracy"] for r in evaluated], "o-", color="C1")
-    ax_loss.set(xlabel="epoch", ylabel="loss (MSE to α·one-hot)", yscale="log", title="loss")
-    ax_loss.legend()
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="eval accuracy")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -36,7 +36,7 @@ def test_mnist_5k_builtin_is_a_fixed_stratified_split():
     train, test = load_image_dataset("mnist-5k", "train"), load_image_dataset("mnist-5k", "test")
     assert (len(train), len(test)) == (4000, 1000)
     assert train.features["label"].names == [str(d) for d in range(10)]
-    assert train[0]["image"].size == (28, 28)
+    assert np.asarray(train[0]["image"]).shape == (28, 28)
     assert np.bincount(test["label"]).tolist() == [n // 5 for n in np.bincount(
         np.concatenate([train["label"], test["label"]]))]
 
