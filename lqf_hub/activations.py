@@ -21,14 +21,14 @@ _RELU6_FUNCS = {F.relu6}
 _HARDTANH_FUNCS = {F.hardtanh, F.hardtanh_}
 
 
-def _leaky_mask_grad(grad: Tensor, x: Tensor, slope: float, upper: float | None) -> Tensor:
-    """grad * d(leaky act)/dx: 1 inside (0, upper), ``slope`` outside; same convention as ``leaky_relu``."""
+def _leaky_derivative(x: Tensor, slope: float, upper: float | None) -> Tensor:
+    """d(leaky act)/dx: 1 inside (0, upper), ``slope`` outside; same convention as ``leaky_relu``."""
     inside = x > 0 if upper is None else (x > 0) & (x < upper)
-    return torch.where(inside, grad, grad * slope)
+    return torch.full_like(x, slope).masked_fill_(inside, 1.0)
 
 
 class _TangentLeaky(torch.autograd.Function):
-    """Primal: the original ReLU/ReLU6. JVP and backward: the leaky derivative."""
+    """Primal: the original ReLU/ReLU6. JVP and backward: the leaky derivative (computed once, used by both)."""
 
     @staticmethod
     def forward(x: Tensor, slope: float, upper: float | None) -> Tensor:
@@ -36,19 +36,20 @@ class _TangentLeaky(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, ctx.slope, ctx.upper = inputs
-        ctx.save_for_backward(x)
-        ctx.save_for_forward(x)  # the jvp rule needs x too (torch.func / forward-mode AD)
+        x, slope, upper = inputs
+        derivative = _leaky_derivative(x.detach(), slope, upper)
+        ctx.save_for_backward(derivative)
+        ctx.save_for_forward(derivative)  # the jvp rule needs it too (torch.func / forward-mode AD)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        return _leaky_mask_grad(grad, x, ctx.slope, ctx.upper), None, None
+        (derivative,) = ctx.saved_tensors
+        return grad * derivative, None, None
 
     @staticmethod
     def jvp(ctx, x_tangent: Tensor, *_) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return _leaky_mask_grad(x_tangent, x.detach(), ctx.slope, ctx.upper)
+        (derivative,) = ctx.saved_tensors
+        return x_tangent * derivative
 
 
 def leaky_relu6(x: Tensor, slope: float) -> Tensor:
