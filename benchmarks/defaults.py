@@ -5,14 +5,17 @@ solver's own split holds out 20% of them per class (stratified, seeded by conten
 setting gives the optimum at every λ of a wide grid, scored on the held-out images, and the
 one-standard-error rule picks λ as `lqf-hub train` does. The test split is never loaded.
 
-    python benchmarks/defaults.py run --datasets fashion-mnist mnist-5k --shots 100 --seeds 0 1 \
-        --variants default linearize=last:1 --out benchmarks/results/defaults_validation.jsonl
+    python benchmarks/defaults.py run --datasets fashion-mnist mnist-5k --shots 100 --seeds 0 1 2 \
+        --variants linearize=last:1 linearize=last:2 linearize=last:3 --out benchmarks/results/defaults_validation.jsonl
     python benchmarks/defaults.py run --datasets fashion-mnist mnist-5k --shots 10 --seeds 0 1 2 \
-        --variants default linearize=last:1 activation=none activation=leaky target_scale=5 target_scale=45 \
+        --variants linearize=last:1 linearize=last:3 linearize=last:3,activation=none \
+        linearize=last:3,activation=leaky linearize=last:3,target_scale=5 linearize=last:3,target_scale=45 \
         --out benchmarks/results/defaults_validation.jsonl
     python benchmarks/defaults.py summary benchmarks/results/defaults_validation.jsonl \
         --report benchmarks/results/defaults_validation.md
 
+A variant is ``key=value[,key=value]`` over LQFConfig fields; the others keep the library's defaults
+(activation tangent, α = 15, head random).
 (The recorded file holds what these reached in the time they had; the report gives n per cell.)
 Finished (dataset, shots, seed, variant) rows are skipped when ``--out`` already holds them.
 """
@@ -31,15 +34,18 @@ from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 
 WIDE_GRID = [1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1]
 CONFIG_KEYS = {"linearize", "activation", "target_scale", "head_init", "leaky_slope"}
+DEPTHS = {f"linearize=last:{n}": f"last:{n}" for n in (1, 2, 3)}  # shallowest first
 
 
 def variant_settings(variant: str) -> dict:
-    if variant == "default":
-        return {}
-    key, _, value = variant.partition("=")
-    if key not in CONFIG_KEYS:
-        raise SystemExit(f"variant {variant!r}: {key!r} is not one of {sorted(CONFIG_KEYS)}")
-    return {key: float(value) if key in ("target_scale", "leaky_slope") else value}
+    """``"key=value,key=value"`` over ``CONFIG_KEYS``."""
+    settings = {}
+    for part in variant.split(","):
+        key, _, value = part.partition("=")
+        if key not in CONFIG_KEYS:
+            raise SystemExit(f"variant {variant!r}: {key!r} is not one of {sorted(CONFIG_KEYS)}")
+        settings[key] = float(value) if key in ("target_scale", "leaky_slope") else value
+    return settings
 
 
 def score(dataset: str, shots: int, seed: int, variant: str) -> dict:
@@ -111,20 +117,44 @@ def summary(args) -> None:
             loss = statistics.mean(_at_chosen(r)["validation_loss"] for r in runs)
             row.append(f"{_mean_sd(accuracy)} (n={len(runs)}; loss {loss:.1f})")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## λ chosen by the one-standard-error rule (default settings)", "",
-              "| task | seeds: chosen λ | best-loss λ | path products | seconds |", "|---|---|---|---:|---:|"]
+    lines += ["", "## λ chosen by the one-standard-error rule", "",
+              "| task | depth | seeds: chosen λ | best-loss λ | path products | seconds |", "|---|---|---|---|---:|---:|"]
     for dataset, shots in tasks:
-        runs = cells.get(("default", dataset, shots), [])
-        if runs:
-            chosen = ", ".join(f"{r['chosen_ridge']:g}" for r in runs)
-            best = ", ".join(f"{min(r['path'], key=lambda p: p['validation_loss'])['ridge']:g}" for r in runs)
-            products = statistics.mean(r["path_iterations"] for r in runs)
-            lines.append(f"| {dataset} {shots}-shot | {chosen} | {best} | {products:.0f} | "
-                         f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
+        for variant, depth in DEPTHS.items():
+            runs = cells.get((variant, dataset, shots), [])
+            if runs:
+                chosen = ", ".join(f"{r['chosen_ridge']:g}" for r in runs)
+                best = ", ".join(f"{min(r['path'], key=lambda p: p['validation_loss'])['ridge']:g}" for r in runs)
+                products = statistics.mean(r["path_iterations"] for r in runs)
+                lines.append(f"| {dataset} {shots}-shot | {depth} | {chosen} | {best} | {products:.0f} | "
+                             f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
+    lines += _depth_rule(cells, tasks)
     report = "\n".join(lines) + "\n"
     print(report)
     if args.report:
         args.report.write_text(report)
+
+
+def _depth_rule(cells: dict, tasks: list) -> list[str]:
+    """The one-standard-error rule across depths of the linearized tail, per draw: the shallowest depth (fewest
+    linearized weights, cheapest pass) whose held-out loss is within one standard error of the best depth's."""
+    lines = ["", "## Depth of the linearized tail: the one-standard-error rule across depths", "",
+             "Per draw, held-out loss ± standard error at each depth's chosen λ (same held-out images for every "
+             "depth); the rule keeps the shallowest depth within one standard error of the best — as for λ.", "",
+             "| task | seed | " + " | ".join(DEPTHS.values()) + " | rule picks |", "|---|---:|" + "---:|" * (len(DEPTHS) + 1)]
+    for dataset, shots in tasks:
+        by_seed = defaultdict(dict)
+        for variant in DEPTHS:
+            for r in cells.get((variant, dataset, shots), []):
+                by_seed[r["seed"]][variant] = _at_chosen(r)
+        for seed, points in sorted(by_seed.items()):
+            if len(points) < len(DEPTHS):
+                continue
+            best = min(points.values(), key=lambda p: p["validation_loss"])
+            pick = next(v for v in DEPTHS if points[v]["validation_loss"] <= best["validation_loss"] + best["standard_error"])
+            cells_text = [f"{points[v]['validation_loss']:.1f} ± {points[v]['standard_error']:.1f}" for v in DEPTHS]
+            lines.append(f"| {dataset} {shots}-shot | {seed} | " + " | ".join(cells_text) + f" | {DEPTHS[pick]} |")
+    return lines
 
 
 def main(argv=None) -> None:
@@ -134,7 +164,7 @@ def main(argv=None) -> None:
     one.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist-5k"])
     one.add_argument("--shots", type=int, nargs="+", default=[10, 100])
     one.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    one.add_argument("--variants", nargs="+", default=["default"])
+    one.add_argument("--variants", nargs="+", required=True)
     one.add_argument("--out", type=Path, required=True)
     table = commands.add_parser("summary")
     table.add_argument("results", type=Path, nargs="+")

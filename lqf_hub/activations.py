@@ -28,7 +28,8 @@ def _leaky_derivative(x: Tensor, slope: float, upper: float | None) -> Tensor:
 
 
 class _TangentLeaky(torch.autograd.Function):
-    """Primal: the original ReLU/ReLU6. JVP and backward: the leaky derivative (computed once, used by both)."""
+    """Primal: the original ReLU/ReLU6. JVP and backward: the leaky derivative, computed on first use (a
+    forward that nothing differentiates, such as the frozen trunk's, never pays for it) and shared by both."""
 
     @staticmethod
     def forward(x: Tensor, slope: float, upper: float | None) -> Tensor:
@@ -36,20 +37,25 @@ class _TangentLeaky(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, slope, upper = inputs
-        derivative = _leaky_derivative(x.detach(), slope, upper)
-        ctx.save_for_backward(derivative)
-        ctx.save_for_forward(derivative)  # the jvp rule needs it too (torch.func / forward-mode AD)
+        x, ctx.slope, ctx.upper = inputs
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)  # the jvp rule needs x too (torch.func / forward-mode AD)
+        ctx.derivative = None
+
+    @staticmethod
+    def _derivative(ctx) -> Tensor:
+        if ctx.derivative is None:
+            (x,) = ctx.saved_tensors
+            ctx.derivative = _leaky_derivative(x.detach(), ctx.slope, ctx.upper)
+        return ctx.derivative
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (derivative,) = ctx.saved_tensors
-        return grad * derivative, None, None
+        return grad * _TangentLeaky._derivative(ctx), None, None
 
     @staticmethod
     def jvp(ctx, x_tangent: Tensor, *_) -> Tensor:
-        (derivative,) = ctx.saved_tensors
-        return x_tangent * derivative
+        return x_tangent * _TangentLeaky._derivative(ctx)
 
 
 def leaky_relu6(x: Tensor, slope: float) -> Tensor:

@@ -49,7 +49,7 @@ class LQFConfig:
     """
 
     linearize: str | list[str] = field(
-        default="last:3",
+        default="last:1",
         metadata={
             "help": "Which parameters get a trainable delta: 'head' (linear probe), 'last:N' (the last N "
             "blocks and everything after them), 'all', or a list of module-name prefixes. The new head "
