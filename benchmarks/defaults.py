@@ -90,7 +90,8 @@ def _mean_sd(values: list[float]) -> str:
 def summary(args) -> None:
     rows = [json.loads(line) for path in args.results for line in path.open()]
     tasks = sorted({(r["dataset"], r["shots"]) for r in rows})
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    seen = list(dict.fromkeys(r["variant"] for r in rows))
+    variants = [v for v in DEPTHS if v in seen] + [v for v in seen if v not in DEPTHS]
     cells = defaultdict(list)
     for r in rows:
         cells[(r["variant"], r["dataset"], r["shots"])].append(r)

@@ -1,8 +1,9 @@
 """Image classification data as Hugging Face datasets: built-in offline sets, local folders, the Hub.
 
 Every loader returns a ``datasets.Dataset`` with an ``image`` column (PIL images; ``[H, W]`` uint8
-arrays for the built-in sets) and a ``label`` column (``ClassLabel``). ``with_transform`` turns it into ``{"pixel_values": [3, H, W], "label": int}``
-items using the backbone's own preprocessing (timm ``create_transform`` with the model's data config).
+arrays for the built-in sets) and a ``label`` column (``ClassLabel``). ``with_transform`` turns it into
+``{"pixel_values": [3, H, W], "label": int}`` items using the backbone's own preprocessing (timm
+``create_transform`` with the model's data config).
 """
 
 import gzip
@@ -114,13 +115,15 @@ def image_transform(data_config: dict[str, Any], augment: bool = False):
 def with_transform(dataset: datasets.Dataset, data_config: dict[str, Any], augment: bool = False) -> datasets.Dataset:
     """``dataset`` whose items are ``{"pixel_values": Tensor[3, H, W], "label": int}`` (grayscale -> RGB)."""
     transform = image_transform(data_config, augment)
+    feature = dataset.features["image"]
+    # Array2D/3D items come as nested lists of Python ints: give them back the column's dtype
+    dtype = feature.dtype if isinstance(feature, (datasets.Array2D, datasets.Array3D)) else None
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
         pixels = []
         for image in batch["image"]:
-            if not isinstance(image, Image.Image):  # arrays come as nested lists of Python ints
-                array = np.asarray(image)
-                image = Image.fromarray(array.astype(np.uint8) if array.dtype.kind in "iu" else array)
+            if not isinstance(image, Image.Image):
+                image = Image.fromarray(np.asarray(image, dtype=dtype))
             pixels.append(transform(image.convert("RGB")))
         return {"pixel_values": pixels, "label": batch["label"]}
 
@@ -167,7 +170,7 @@ def _mnist_5k(split: str) -> datasets.Dataset:
 def _in_memory(images: np.ndarray, labels: np.ndarray, names: list[str]) -> datasets.Dataset:
     """``images [N, H, W]`` (uint8) as an ``Array2D`` column built directly in Arrow: encoding 60000 images as
     PNG for an ``Image`` column took 15 s, this takes a fraction of a second."""
-    count, height, width = images.shape
+    _, height, width = images.shape
     image_type = datasets.Array2D((height, width), "uint8")()
     rows = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(images).reshape(-1)), width)
     grid = pa.FixedSizeListArray.from_arrays(rows, height).cast(image_type.storage_type)
