@@ -8,7 +8,7 @@ mean square of the logit difference is bounded by the certificates: with subopti
 
     python benchmarks/optimum.py run --out runs/order-0
     python benchmarks/optimum.py run --order-seed 1 --out runs/order-1
-    accelerate launch --cpu --num_processes 2 benchmarks/optimum.py run --out runs/two-processes
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/optimum.py run --out runs/two-processes
     python benchmarks/optimum.py compare runs/order-0 runs/order-1 runs/two-processes \\
         --report benchmarks/results/optimum.md
 """
