@@ -61,11 +61,14 @@ def fine_tune(
     batch_size: int = 32,
     learning_rate: float = 0.01,
     weight_decay: float = 1e-4,
+    min_steps: int = 0,
+    label_smoothing: float = 0.0,
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
     """Ordinary fine-tuning: every weight of ``network`` (pixels -> pre-logits [B, D]) and a new head,
-    cross-entropy, SGD with momentum 0.9 and a cosine schedule, BatchNorm in training mode.
+    cross-entropy (with ``label_smoothing``), SGD with momentum 0.9 and a cosine schedule, BatchNorm in
+    training mode; ``epochs``, or more when that is fewer than ``min_steps`` steps (few-shot sets).
     Returns ``nn.Sequential(network, head)`` (a copy; the input network is untouched)."""
     torch.manual_seed(seed)
     model = nn.Sequential(copy.deepcopy(network), nn.Linear(num_features, num_classes)).requires_grad_(True)
@@ -74,12 +77,13 @@ def fine_tune(
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
     loader = DataLoader(train_dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=len(train_dataset) > batch_size,
                         generator=torch.Generator().manual_seed(seed))
+    epochs = max(epochs, math.ceil(min_steps / len(loader)))
     total = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     model.train()
     for epoch in range(epochs):
         for pixels, labels in tqdm(loader, desc=f"fine-tune {epoch + 1}/{epochs}", disable=not progress, leave=False):
-            loss = F.cross_entropy(model(pixels.to(device)), labels.to(device))
+            loss = F.cross_entropy(model(pixels.to(device)), labels.to(device), label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -88,10 +92,17 @@ def fine_tune(
 
 
 @torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Logits ``[N, K]`` of ``model`` (pixels -> logits) on ``dataset`` and its labels ``[N]``."""
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for pixels, batch_labels in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        logits.append(model(pixels.to(device)).float().cpu())
+        labels.append(batch_labels)
+    return torch.cat(logits), torch.cat(labels)
+
+
 def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` (pixels -> logits) on ``dataset``."""
-    device = next(model.parameters()).device
-    correct = 0
-    for pixels, labels in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        correct += int((model(pixels.to(device)).argmax(-1).cpu() == labels).sum())
-    return correct / len(dataset)
+    logits, labels = predict(model, dataset, batch_size)
+    return float((logits.argmax(-1) == labels).double().mean())

@@ -73,6 +73,13 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return own if own else f"{type(dataset).__name__}:{len(dataset)}"
 
 
+def content_digests(dataset: Dataset) -> torch.Tensor:
+    """The digests a :class:`TrunkCache` of ``dataset`` would hold, without running the trunk: ``[N, 32]``
+    uint8 (so that other methods can share the solver's held-out split)."""
+    digests = [_item_digests(pixels, labels) for pixels, labels in DataLoader(dataset, batch_size=256, collate_fn=collate)]
+    return torch.cat(digests) if digests else torch.empty(0, 32, dtype=torch.uint8)
+
+
 def _item_digests(pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sha256 of each image's bytes and label: ``[B, ...], [B] -> [B, 32]`` uint8."""
     rows = []

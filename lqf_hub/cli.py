@@ -1,4 +1,4 @@
-"""``lqf-hub``: train, eval, predict, push, info, convert.
+"""``lqf-hub``: train, compare, eval, predict, push, info, convert.
 
 ``lqf-hub train`` with no arguments fine-tunes the embedded ImageNet EfficientNet-Lite0 on a Fashion-MNIST
 subset, offline, in a few minutes on a laptop CPU. Under ``accelerate launch -m lqf_hub train ...`` it
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                           exclude={"num_classes", "id2label", "backbone"}, rename={"seed": "head-seed"})
     add_dataclass_options(train.add_argument_group("training (LQFTrainingArguments)"), LQFTrainingArguments,
                           "training.", exclude={"dataset_name", "eval_split_name", "hub_token"})
+
+    compare = commands.add_parser(
+        "compare", help="LQF against fine-tuning, a linear probe and ablations over shots and seeds, on one dataset.")
+    compare.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
+                         help="Defaults of the sweep: 'cpu' (2 cores, <= 30 min per dataset) or 'gpu'. Default: cpu.")
+    compare.add_argument("--output-dir", default="compare-output", help="Runs, report and plot. Default: compare-output.")
+    compare.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
+    from .compare import CompareSettings
+
+    add_dataclass_options(compare, CompareSettings, "compare.")
 
     evaluate = commands.add_parser("eval", help="Accuracy of an LQF checkpoint on a dataset split.")
     _model_arguments(evaluate, None, "LQF checkpoint: directory (e.g. lqf-output) or Hub repo id.")
@@ -198,13 +208,12 @@ def run_train(args) -> dict[str, Any]:
 
 
 def _build_model(args, num_classes: int, id2label: dict[int, str]):
-    from .config import LQFConfig
+    from .config import LQFConfig, linearize_from_text
     from .model import LQFModel
 
     overrides = dataclass_values(args, "config.")
-    spec = overrides.get("linearize")
-    if spec is not None and spec not in ("head", "all") and not spec.startswith("last:"):  # module prefixes
-        overrides["linearize"] = [p.strip() for p in spec.split(",") if p.strip()]
+    if "linearize" in overrides:
+        overrides["linearize"] = linearize_from_text(overrides["linearize"])
     checkpoint = _checkpoint_source(args.model, args.revision, args.token)
     if checkpoint is not None:  # continue from an LQF checkpoint: its config, δ and head
         if overrides or args.weights:
@@ -249,6 +258,23 @@ def _check_output_dir(output: Path, overwrite: bool, resume_from: str | None) ->
         raise CLIError(f"--output-dir {output} exists and was not written by lqf-hub; choose another or pass --overwrite.")
     if resume_from and not Path(resume_from).is_dir():
         raise CLIError(f"--resume-from {resume_from} does not exist.")
+
+
+def run_compare(args, argv: list[str]) -> dict[str, Any]:
+    import dataclasses
+    import shlex
+
+    from .compare import PRESETS, run_comparison
+
+    settings = dataclasses.replace(PRESETS[args.preset], **dataclass_values(args, "compare."))
+    output = Path(args.output_dir)
+    _check_output_dir(output, args.overwrite, None)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / OUTPUT_MARKER).write_text("written by lqf-hub compare\n")
+    run_comparison(settings, output, command="lqf-hub " + shlex.join(argv))
+    print((output / "results.md").read_text().split("\n## ")[0])
+    return {"report": str(output / "results.md"), "plot": str(output / "error_vs_shots.png"),
+            "runs": str(output / "runs.jsonl")}
 
 
 def run_eval(args) -> dict[str, Any]:
@@ -382,9 +408,10 @@ def _print_table(record: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -396,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _dispatch(args) -> int:
+def _dispatch(args, argv: list[str]) -> int:
     from .train import process_state
 
     if args.command == "predict":
@@ -410,6 +437,9 @@ def _dispatch(args) -> int:
         for error in errors:
             print(f"lqf-hub predict: error: {error}", file=sys.stderr)
         return 1 if errors else 0
+    if args.command == "compare":
+        _print_table(run_compare(args, argv))
+        return 0
     result = {"train": run_train, "eval": run_eval, "push": run_push, "info": run_info, "convert": run_convert}[args.command](args)
     if process_state().is_main_process:
         if getattr(args, "format", "table") == "json" or args.command == "info":

@@ -137,6 +137,13 @@ class LQFConfig:
         return cls(**known_fields(cls, data))
 
 
+def linearize_from_text(text: str) -> str | list[str]:
+    """``linearize`` as written on a command line: 'head', 'all', 'last:N', or comma-separated module prefixes."""
+    if text in ("head", "all") or text.startswith("last:"):
+        return text
+    return [prefix.strip() for prefix in text.split(",") if prefix.strip()]
+
+
 def _parse_linearize(spec: str | list[str] | tuple[str, ...]) -> str | list[str]:
     if isinstance(spec, str):
         if spec in ("head", "all") or _LAST_N.match(spec):

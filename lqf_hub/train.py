@@ -75,6 +75,7 @@ class LQFTrainer:
             )
         self.output_dir = Path(self.args.output_dir)
         self.history: list[dict[str, Any]] = []
+        self.selection: dict[str, Any] | None = None  # the solver's choice of λ and its path, once trained
         self._inputs: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------------------------- train
@@ -124,6 +125,7 @@ class LQFTrainer:
                     plot_path(found.points, found.ridge, self.output_dir / "path.png")
             tensors = {f"kfac/{k}": v for k, v in metric.kfac.state_dict().items()} if metric.kfac is not None else {}
             self._checkpoint("selection", TrainerState(0, 0, None, settings, data, [], selection), tensors)
+        self.selection = selection
         delta, certificate = solve(everything, metric, selection["ridge"], tolerance=args.tolerance,
                                    max_iterations=args.max_iterations, progress=progress)
         with torch.no_grad():

@@ -1,0 +1,363 @@
+"""Does LQF pay off on *this* data? LQF, its ablations, a linear probe and fine-tuning on shared splits.
+
+For every shot count and seed, ``shots`` training images per class are drawn with the seed and one
+stratified part of them is held out: the very split the solver uses to choose λ (``optimum.stratified_split``
+on the images' content digests, with the seed and ``validation_fraction``). Every method chooses its one
+regularising hyperparameter on that held-out part — λ for the solved LQF variants (their regularisation
+path), the learning rate and augmentation for fine-tuning, the weight decay for the probe, the number of
+epochs for the early-stopped SGD variants — and is then refit on all training images. The test images (one
+stratified subset, the same for every seed and method) are read once per final model, for the report.
+
+Runs are appended to ``runs.jsonl`` as they finish; a sweep restarted on the same settings skips them (and
+one with more shots, seeds or methods adds only what is missing). ``compare_report`` turns the runs into
+the table, the PNG and the targets.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .adapters import backbone_from_name
+from .baselines import fine_tune, linear_probe, predict
+from .cache import content_digests
+from .config import LQFConfig, linearize_from_text
+from .data import MissingSplit, class_names, label_array, load_image_dataset, sample_shots, split_validation, with_transform
+from .errors import TrainingDiverged
+from .model import LQFModel
+from .optimum import stratified_split
+from .train import LQFTrainer
+from .training_args import LQFTrainingArguments
+
+RUNS_FILE = "runs.jsonl"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One contender: how it is trained (``kind``) and what it changes from LQF's defaults."""
+
+    kind: str  # "solve": LQFTrainer's optimum (λ on its path) | "sgd": LQF's SGD loop (epochs chosen) | "probe" | "ft"
+    description: str
+    config: dict[str, Any] = field(default_factory=dict)  # LQFConfig fields
+    training: dict[str, Any] = field(default_factory=dict)  # LQFTrainingArguments fields
+
+
+METHODS = {
+    "fine-tuning": Method("ft", "every weight, cross-entropy, SGD + cosine (timm recipe); lr, augmentation on validation"),
+    "linear-probe": Method("probe", "logistic regression on the frozen pre-logits; weight decay on validation"),
+    "lqf": Method("solve", "LQF defaults: the certified optimum, λ on validation"),
+    # its held-out loss still fell at the default grid's λ = 0.1 (a 50-shot Fashion-MNIST draw): the same nine
+    # half-decades, two decades lower
+    "lqf-head": Method("solve", "LQF on the last layer only", config={"linearize": "head"},
+                       training={"ridge_grid": [10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001]}),
+    "lqf-relu": Method("solve", "ablation: plain ReLU (no leaky derivative)", config={"activation": "none"}),
+    "lqf-leaky": Method("solve", "ablation: ReLUs swapped for Leaky-ReLU (f0 changes)", config={"activation": "leaky"}),
+    "lqf-cross-entropy": Method("sgd", "ablation: cross-entropy instead of MSE (K-FAC SGD loop; epochs on validation)",
+                                training={"method": "sgd", "loss": "cross_entropy"}),
+    "lqf-no-kfac": Method("solve", "ablation: isotropic ridge, no K-FAC (same λ grid, same product budget)",
+                          training={"prior": "isotropic"}),
+    "plain-linearization": Method("sgd", "the paper's baseline: ReLU, cross-entropy, plain SGD (epochs on validation)",
+                                  config={"activation": "none"},
+                                  training={"method": "sgd", "loss": "cross_entropy", "preconditioner": "none"}),
+}
+
+
+def _field(default, text: str):
+    factory = (lambda: list(default)) if isinstance(default, list) else None
+    return field(default_factory=factory, metadata={"help": text}) if factory else field(default=default, metadata={"help": text})
+
+
+@dataclass
+class CompareSettings:
+    """One comparison: dataset, backbone, shot counts, seeds, and each method's validation grid. The command line
+    (``lqf-hub compare``) offers every field but the data ones as an option; a preset fills the rest."""
+
+    dataset: str = _field("fashion-mnist", "Dataset: a built-in name, a local directory or a Hub dataset id.")
+    model: str = _field("tf_efficientnet_lite0", "Backbone: a timm name or a Hugging Face repo id.")
+    image_size: int | None = _field(64, "Input resolution (unset: the model's own).")
+    shots: list[int] = _field([2, 5, 10], "Training images per class, one sweep point each (>= 2).")
+    seeds: list[int] = _field([0, 1, 2], "Seeds: each draws its own training images (and held-out part).")
+    test_per_class: int = _field(50, "Test images per class, one stratified subset for every run (0: the whole split).")
+    methods: list[str] = _field(list(METHODS), f"Methods to run, from: {', '.join(METHODS)}.")
+    linearize: str | None = _field(None, "What the LQF methods linearize (unset: LQFConfig's default); lqf-head keeps 'head'.")
+    validation_fraction: float = _field(0.2, "Share of every class of the training images held out for the choices.")
+    ft_learning_rates: list[float] = _field([0.01, 0.03, 0.1], "Fine-tuning learning rates to choose from.")
+    ft_augmentations: list[str] = _field(["none"], "Fine-tuning augmentations to choose from: 'timm' "
+                                         "(timm's training transform: random resized crop, flip, colour jitter), 'none'.")
+    ft_epochs: int = _field(10, "Fine-tuning epochs (more on few-shot sets, see ft_min_steps).")
+    ft_min_steps: int = _field(50, "Fine-tuning steps at least, so that few-shot runs converge.")
+    ft_batch_size: int = _field(16, "Fine-tuning batch size.")
+    ft_label_smoothing: float = _field(0.1, "Fine-tuning label smoothing (timm recipes: 0.1).")
+    sgd_epochs: list[int] = _field([5, 20, 60], "Epochs to choose from for the early-stopped SGD variants.")
+    probe_weight_decays: list[float] = _field([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "Probe weight decays to choose from.")
+    image_column: str | None = _field(None, "Image column (default: detected).")
+    label_column: str | None = _field(None, "Label column (default: detected).")
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
+        if not self.shots or min(self.shots) < 2:
+            raise ValueError(f"`shots` must all be >= 2, got {self.shots}: with one image per class none can be held "
+                             "out to choose hyperparameters on validation data.")
+        if not self.seeds:
+            raise ValueError("`seeds` must hold at least one seed.")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"`validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
+        for name in ("ft_learning_rates", "ft_augmentations", "sgd_epochs", "probe_weight_decays"):
+            if not getattr(self, name):
+                raise ValueError(f"`{name}` must hold at least one value.")
+        wrong = [a for a in self.ft_augmentations if a not in ("timm", "none")]
+        if wrong:
+            raise ValueError(f"`ft_augmentations` holds {wrong}; choose from 'timm', 'none'.")
+
+    def fingerprint(self) -> str:
+        """What every run of a sweep must share; shots, seeds and methods may grow between restarts."""
+        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("shots", "seeds", "methods")}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS = {
+    # 2 cores, <= 30 minutes per dataset: 64 px, 2-10 shots, 3 seeds, 500 test images. Fine-tuning (17 ms per image and step
+    # at 64 px here) gets 3 learning rates and no augmentation: on a 50-shot draw of Fashion-MNIST, validation
+    # preferred no augmentation at every learning rate (benchmarks/results/compare/README.md).
+    "cpu": CompareSettings(),
+    # one GPU: the model's own resolution, the paper's shot range, the whole test split, wider grids
+    "gpu": CompareSettings(image_size=None, shots=[2, 5, 10, 20, 50, 100], test_per_class=0,
+                           ft_learning_rates=[0.001, 0.003, 0.01, 0.03, 0.1], ft_augmentations=["timm", "none"],
+                           ft_epochs=30, ft_min_steps=300, ft_batch_size=32, sgd_epochs=[10, 30, 100]),
+}
+
+
+@dataclass
+class Draw:
+    """The training images of one (shots, seed), their held-out part, and the shared test images. Images are
+    decoded and preprocessed once (``*_items``: ``{"pixel_values", "label"}``); ``train`` keeps the raw images
+    for augmentation."""
+
+    shots: int
+    seed: int
+    train: datasets.Dataset
+    train_items: list[dict]
+    test_items: list[dict]
+    fit: np.ndarray  # indices into train: what candidates are fit on
+    held: np.ndarray  # indices into train: what candidates are scored on
+    num_classes: int
+    data_config: dict[str, Any]
+
+    def items(self, rows: np.ndarray | None) -> list[dict]:
+        return self.train_items if rows is None else [self.train_items[i] for i in rows]
+
+
+def run_comparison(settings: CompareSettings, output_dir: str | Path, *, progress: bool = True,
+                   command: str | None = None) -> list[dict]:
+    """Run every (shots, seed, method) not yet in ``output_dir/runs.jsonl``; returns all runs of these settings.
+    The report (``compare_report.write_report``, with ``command`` beside the table) is written after each draw."""
+    from .compare_report import write_report
+
+    output = Path(output_dir)
+    runs = load_runs(output, settings)
+    done = {_key(r["method"], r["shots"], r["seed"]) for r in runs}
+    todo = [(s, seed, m) for s in settings.shots for seed in settings.seeds for m in settings.methods
+            if _key(m, s, seed) not in done]
+    if not todo:
+        write_report(settings, runs, output, command)
+        return runs
+    backbone = backbone_from_name(settings.model)
+    data_config = dict(backbone.data_config)
+    if settings.image_size:
+        data_config["input_size"] = [data_config["input_size"][0], settings.image_size, settings.image_size]
+    train_full, test = _load_splits(settings)
+    test_items = _decoded(test, data_config)
+    output.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc="compare", disable=not progress)
+    for shots in settings.shots:
+        for seed in settings.seeds:
+            methods = [m for (s, d, m) in todo if (s, d) == (shots, seed)]
+            if not methods:
+                continue
+            draw = _draw(train_full, test_items, shots, seed, settings.validation_fraction, data_config)
+            for name in methods:
+                bar.set_postfix_str(f"{name}, {shots} shots, seed {seed}")
+                run = {"method": name, "shots": shots, "seed": seed, "settings": settings.fingerprint(),
+                       **_run_method(METHODS[name], draw, settings)}
+                with open(output / RUNS_FILE, "a") as f:  # one line per finished run: a kill loses at most one
+                    f.write(json.dumps(run) + "\n")
+                runs.append(run)
+                bar.update()
+            write_report(settings, runs, output, command)
+    bar.close()
+    return runs
+
+
+def load_runs(output: Path, settings: CompareSettings) -> list[dict]:
+    """The finished runs in ``output`` for these settings; another comparison's runs are an error."""
+    path = output / RUNS_FILE
+    if not path.is_file():
+        return []
+    runs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            run = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} line {number} is not JSON (a run cut short?): delete that line and restart.") from None
+        if run.get("settings") != settings.fingerprint():
+            raise ValueError(f"{path} holds runs of another comparison (other dataset, model, size or grids); "
+                             "use another output directory, or the same settings to resume.")
+        runs.append(run)
+    return runs
+
+
+def _key(method: str, shots: int, seed: int) -> str:
+    return f"{method}/{shots}/{seed}"
+
+
+def _load_splits(settings: CompareSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
+    columns = {"image_column": settings.image_column, "label_column": settings.label_column}
+    train = load_image_dataset(settings.dataset, "train", **columns)
+    try:
+        test = load_image_dataset(settings.dataset, "test", **columns)
+    except MissingSplit:  # as `lqf-hub train` does: a fixed part of the training split becomes the test split
+        train, test = split_validation(train, 0.2, seed=0)
+    if settings.test_per_class:
+        test = sample_shots(test, settings.test_per_class, seed=1000, at_most=True)
+    return train, test
+
+
+def _draw(train_full, test_items: list[dict], shots: int, seed: int, fraction: float, data_config: dict) -> Draw:
+    train = sample_shots(train_full, shots, seed=seed)
+    items = _decoded(train, data_config)
+    labels = torch.as_tensor(label_array(train))
+    fit, held = stratified_split(labels, content_digests(items), fraction, seed)
+    return Draw(shots, seed, train, items, test_items, fit.numpy(), held.numpy(), len(class_names(train)), data_config)
+
+
+def _decoded(dataset: datasets.Dataset, data_config: dict) -> list[dict]:
+    """Every item preprocessed once (without augmentation): ``[{"pixel_values": [3, H, W], "label": int}]``."""
+    transformed = with_transform(dataset, data_config)
+    return [transformed[i] for i in range(len(transformed))]
+
+
+def _run_method(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+    """``{"accuracy", "error", "seconds", "chosen", "validation", ...}``: test accuracy of the final model,
+    time to it (choice included), the chosen value and every candidate's held-out score."""
+    runner = {"solve": _run_solve, "sgd": _run_sgd, "probe": _run_probe, "ft": _run_fine_tuning}[method.kind]
+    started = time.perf_counter()
+    try:
+        result = runner(method, draw, settings)
+    except (RuntimeError, TrainingDiverged) as err:  # no certificate within the budget, or the loop diverged
+        result = {"accuracy": math.nan, "failed": str(err).split("\n")[0]}
+    return {**result, "error": 1 - result["accuracy"], "seconds": time.perf_counter() - started}
+
+
+def _lqf_trainer(method: Method, draw: Draw, settings: CompareSettings, rows: np.ndarray | None, eval_rows,
+                 output_dir: str, **training) -> LQFTrainer:
+    """An LQF trainer on ``train[rows]`` (all: None) evaluating on ``train[eval_rows]`` (None: the test images)."""
+    config = {**({"linearize": linearize_from_text(settings.linearize)} if settings.linearize else {}), **method.config}
+    model = LQFModel.from_backbone(backbone_from_name(settings.model), draw.num_classes, LQFConfig(**config))
+    model.set_image_size(draw.data_config["input_size"][-1])
+    evaluation = draw.test_items if eval_rows is None else draw.items(eval_rows)
+    args = LQFTrainingArguments(output_dir=output_dir, seed=draw.seed, validation_fraction=settings.validation_fraction,
+                                progress=False, **{**method.training, **training})
+    return LQFTrainer(model, draw.items(rows), evaluation, args)
+
+
+def _run_solve(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _lqf_trainer(method, draw, settings, None, None, out)
+        final = trainer.train()[-1]
+    return {"accuracy": final["eval_accuracy"], "chosen": {"ridge": final["ridge"]},
+            "validation": [{"ridge": p["ridge"], "accuracy": p["validation_accuracy"], "loss": p["validation_loss"]}
+                           for p in trainer.selection["path"]],
+            "certificate": {k: final[k] for k in ("relative_gradient_norm", "suboptimality_bound", "iterations",
+                                                  "path_iterations")}}
+
+
+def _run_sgd(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+    def score(epochs: int) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory() as out:
+            trainer = _lqf_trainer(method, draw, settings, draw.fit, draw.held, out, **_sgd_run(epochs))
+            final = trainer.train()[-1]
+        return final["eval_accuracy"], final["eval_loss"]
+
+    chosen, validation = _choose([{"epochs": e} for e in settings.sgd_epochs], lambda c: score(c["epochs"]))
+    with tempfile.TemporaryDirectory() as out:
+        final = _lqf_trainer(method, draw, settings, None, None, out, **_sgd_run(chosen["epochs"])).train()[-1]
+    return {"accuracy": final["eval_accuracy"], "chosen": chosen, "validation": validation,
+            "train_loss": final["train_loss"]}
+
+
+def _sgd_run(epochs: int) -> dict:
+    return {"epochs": epochs, "eval_every": epochs, "save_every": epochs}
+
+
+def _run_probe(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        trainer = _lqf_trainer(Method("solve", "", config={"linearize": "head"}), draw, settings, None, None, out)
+        features, labels = trainer.features("train")
+        test_features, test_labels = trainer.features("eval")
+    fit, held = torch.as_tensor(draw.fit), torch.as_tensor(draw.held)
+
+    def score(weight_decay: float) -> tuple[float, float]:
+        head = linear_probe(features[fit], labels[fit], draw.num_classes, weight_decay)
+        with torch.no_grad():
+            return _accuracy_and_loss(head(features[held]), labels[held])
+
+    chosen, validation = _choose([{"weight_decay": w} for w in settings.probe_weight_decays],
+                                 lambda c: score(c["weight_decay"]))
+    head = linear_probe(features, labels, draw.num_classes, chosen["weight_decay"])
+    with torch.no_grad():
+        accuracy, _ = _accuracy_and_loss(head(test_features), test_labels)
+    return {"accuracy": accuracy, "chosen": chosen, "validation": validation}
+
+
+def _run_fine_tuning(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = backbone_from_name(settings.model)
+    backbone.network.to(device)
+
+    def train(rows: np.ndarray | None, candidate: dict):
+        if candidate["augmentation"] == "timm":
+            images = draw.train if rows is None else draw.train.select(rows)
+            images = with_transform(images, draw.data_config, augment=True)
+        else:
+            images = draw.items(rows)
+        return fine_tune(backbone.network, backbone.num_features, draw.num_classes, images,
+                         epochs=settings.ft_epochs, min_steps=settings.ft_min_steps, batch_size=settings.ft_batch_size,
+                         learning_rate=candidate["learning_rate"], label_smoothing=settings.ft_label_smoothing,
+                         seed=draw.seed, progress=False)
+
+    held = draw.items(draw.held)
+    candidates = [{"learning_rate": lr, "augmentation": a}
+                  for lr in settings.ft_learning_rates for a in settings.ft_augmentations]
+    chosen, validation = _choose(candidates, lambda c: _accuracy_and_loss(*predict(train(draw.fit, c), held)))
+    final = train(None, chosen)
+    accuracy, _ = _accuracy_and_loss(*predict(final, draw.test_items))
+    return {"accuracy": accuracy, "chosen": chosen, "validation": validation}
+
+
+def _choose(candidates: list[dict], score: Callable[[dict], tuple[float, float]]) -> tuple[dict, list[dict]]:
+    """The candidate with the best held-out accuracy (ties: the lower held-out loss, then the first listed)."""
+    validation = []
+    for candidate in candidates:
+        accuracy, loss = score(candidate)
+        validation.append({**candidate, "accuracy": accuracy, "loss": loss})
+    best = min(range(len(candidates)), key=lambda i: (-validation[i]["accuracy"], validation[i]["loss"], i))
+    return candidates[best], validation
+
+
+def _accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``logits [N, K]`` against ``labels [N]``."""
+    return float((logits.argmax(-1) == labels).double().mean()), float(F.cross_entropy(logits.double(), labels))
