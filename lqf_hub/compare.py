@@ -14,6 +14,7 @@ the table, the PNG and the targets.
 """
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -130,9 +131,9 @@ class CompareSettings:
 
 
 PRESETS = {
-    # 2 cores, <= 30 minutes per dataset: 64 px, 2-10 shots, 3 seeds, 500 test images. Fine-tuning (17 ms per image and step
-    # at 64 px here) gets 3 learning rates and no augmentation: on a 50-shot draw of Fashion-MNIST, validation
-    # preferred no augmentation at every learning rate (benchmarks/results/compare/README.md).
+    # 2 cores: 64 px, 2-10 shots, 3 seeds, 500 test images. Fine-tuning (17 ms per image and step at 64 px on
+    # 2 cores) gets 3 learning rates and no augmentation: on a 50-shot Fashion-MNIST draw, validation preferred
+    # no augmentation at every learning rate, and the largest rate of 0.003-0.03 (benchmarks/results/compare/).
     "cpu": CompareSettings(),
     # one GPU: the model's own resolution, the paper's shot range, the whole test split, wider grids
     "gpu": CompareSettings(image_size=None, shots=[2, 5, 10, 20, 50, 100], test_per_class=0,
@@ -192,7 +193,8 @@ def run_comparison(settings: CompareSettings, output_dir: str | Path, *, progres
             for name in methods:
                 bar.set_postfix_str(f"{name}, {shots} shots, seed {seed}")
                 run = {"method": name, "shots": shots, "seed": seed, "settings": settings.fingerprint(),
-                       **_run_method(METHODS[name], draw, settings)}
+                       **_run_method(METHODS[name], draw, settings),
+                       "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 with open(output / RUNS_FILE, "a") as f:  # one line per finished run: a kill loses at most one
                     f.write(json.dumps(run) + "\n")
                 runs.append(run)

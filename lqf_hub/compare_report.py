@@ -63,7 +63,10 @@ def targets(table: dict) -> list[str]:
 
     def diff_text(method: str, other: str, s: int) -> str:
         found = paired_difference(table, method, other, s)
-        return "" if found is None else f"; paired difference {100 * found[0]:+.1f} ± {100 * found[1]:.1f} points (n={found[2]})"
+        if found is None:
+            return ""
+        noise = "; within noise" if not abs(found[0]) > 2 * found[1] else ""  # NaN (one seed) counts as noise
+        return f"; paired difference {100 * found[0]:+.1f} ± {100 * found[1]:.1f} points (n={found[2]}){noise}"
 
     if "lqf" in table and BASELINE in table:
         many = [s for s in shots if s >= 100 and s in table["lqf"] and s in table[BASELINE]]

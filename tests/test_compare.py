@@ -101,7 +101,8 @@ def test_summary_relative_error_paired_difference_and_targets():
     assert (mean, n) == (pytest.approx(-0.03), 3) and se == pytest.approx(0.01 / math.sqrt(3))
     lines = "\n".join(targets(table))
     assert "100 shots met (+4%" in lines  # within 5% relative
-    assert "5 shots met (-12%" in lines
+    assert "5 shots met (-12%; paired difference -3.0 ± 0.6 points (n=3))" in lines  # 5 standard errors: not noise
+    assert "100 shots met (+4%; paired difference +0.4 ± nan points (n=1); within noise)" in lines
     assert "lqf-relu costs accuracy: **missed** (worse than LQF at 1 of 2" in lines
 
 
