@@ -1,12 +1,14 @@
 """Does LQF pay off on *this* data? LQF, its ablations, a linear probe and fine-tuning on shared splits.
 
-For every shot count and seed, ``shots`` training images per class are drawn with the seed and one
-stratified part of them is held out: the very split the solver uses to choose λ (``optimum.stratified_split``
-on the images' content digests, with the seed and ``validation_fraction``). Every method chooses its one
-regularising hyperparameter on that held-out part — λ for the solved LQF variants (their regularisation
-path), the learning rate and augmentation for fine-tuning, the weight decay for the probe, the number of
-epochs for the early-stopped SGD variants — and is then refit on all training images. The test images (one
-stratified subset, the same for every seed and method) are read once per final model, for the report.
+For every shot count and seed, ``shots`` training images per class are drawn with the seed. Every method
+chooses its one regularising hyperparameter on those training images only and is then refit on all of them:
+the solved LQF variants choose λ as ``lqf-hub train`` does, by leave-one-out over the training images on their
+regularisation path (exact and nearly free for a convex quadratic); the methods trained by SGD hold out one
+stratified part (``validation_fraction`` of every class, split by the images' content digests and the seed)
+and choose on it — the learning rate and augmentation for fine-tuning, the weight decay for the probe, the
+number of epochs for the early-stopped SGD variants (leave-one-out would cost them a run per image). The
+test images (one stratified subset, the same for every seed and method) are read once per final model, for
+the report.
 
 Runs are appended to ``runs.jsonl`` as they finish; a sweep restarted on the same settings skips them (and
 one with more shots, seeds or methods adds only what is missing). ``compare_report`` turns the runs into
@@ -38,7 +40,6 @@ from .config import LQFConfig, linearize_from_text
 from .data import MissingSplit, class_names, label_array, load_image_dataset, sample_shots, split_validation, with_transform
 from .errors import TrainingDiverged
 from .model import LQFModel
-from .optimum import stratified_split
 from .train import LQFTrainer
 from .training_args import LQFTrainingArguments
 
@@ -58,7 +59,7 @@ class Method:
 METHODS = {
     "fine-tuning": Method("ft", "every weight, cross-entropy, SGD + cosine (timm recipe); lr, augmentation on validation"),
     "linear-probe": Method("probe", "logistic regression on the frozen pre-logits; weight decay on validation"),
-    "lqf": Method("solve", "LQF defaults: the certified optimum, λ on validation"),
+    "lqf": Method("solve", "LQF defaults: the certified optimum, λ by leave-one-out"),
     # its held-out loss still fell at the default grid's λ = 0.1 (a 50-shot Fashion-MNIST draw): the same nine
     # half-decades, two decades lower
     "lqf-head": Method("solve", "LQF on the last layer only", config={"linearize": "head"},
@@ -93,7 +94,8 @@ class CompareSettings:
     test_per_class: int = _field(50, "Test images per class, one stratified subset for every run (0: the whole split).")
     methods: list[str] = _field(list(METHODS), f"Methods to run, from: {', '.join(METHODS)}.")
     linearize: str | None = _field(None, "What the LQF methods linearize (unset: LQFConfig's default); lqf-head keeps 'head'.")
-    validation_fraction: float = _field(0.2, "Share of every class of the training images held out for the choices.")
+    validation_fraction: float = _field(0.2, "Share of every class of the training images held out for the choices "
+                                        "of the SGD-trained methods.")
     ft_learning_rates: list[float] = _field([0.01, 0.03, 0.1], "Fine-tuning learning rates to choose from.")
     ft_augmentations: list[str] = _field(["none"], "Fine-tuning augmentations to choose from: 'timm' "
                                          "(timm's training transform: random resized crop, flip, colour jitter), 'none'.")
@@ -246,6 +248,24 @@ def _draw(train_full, test_items: list[dict], shots: int, seed: int, fraction: f
     return Draw(shots, seed, train, items, test_items, fit.numpy(), held.numpy(), len(class_names(train)), data_config)
 
 
+def stratified_split(labels: torch.Tensor, keys: torch.Tensor, fraction: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(fit, held_out)`` with ``fraction`` of every class held out (at least one, never all).
+
+    ``keys [N, k]`` (uint8) identify the items (content digests): an item is held out by the hash of the seed
+    and its key, so the split is a function of the set of images, not of their order.
+    """
+    fit, held = [], []
+    for label in labels.unique(sorted=True):
+        members = (labels == label).nonzero().flatten().tolist()
+        members.sort(key=lambda i: hashlib.sha256(seed.to_bytes(8, "little", signed=True) + keys[i].numpy().tobytes()).digest())
+        members = torch.tensor(members)
+        count = min(max(1, round(fraction * len(members))), len(members) - 1)
+        held.append(members[:count])
+        fit.append(members[count:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
 def _decoded(dataset: datasets.Dataset, data_config: dict) -> list[dict]:
     """Every item preprocessed once (without augmentation): ``[{"pixel_values": [3, H, W], "label": int}]``."""
     transformed = with_transform(dataset, data_config)
@@ -271,8 +291,8 @@ def _lqf_trainer(method: Method, draw: Draw, settings: CompareSettings, rows: np
     model = LQFModel.from_backbone(backbone_from_name(settings.model), draw.num_classes, LQFConfig(**config))
     model.set_image_size(draw.data_config["input_size"][-1])
     evaluation = draw.test_items if eval_rows is None else draw.items(eval_rows)
-    args = LQFTrainingArguments(output_dir=output_dir, seed=draw.seed, validation_fraction=settings.validation_fraction,
-                                progress=False, **{**method.training, **training})
+    args = LQFTrainingArguments(output_dir=output_dir, seed=draw.seed, progress=False,
+                                **{**method.training, **training})
     return LQFTrainer(model, draw.items(rows), evaluation, args)
 
 

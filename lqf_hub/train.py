@@ -1,6 +1,6 @@
 """Training LQF models with Accelerate: one CPU to many GPUs (``accelerate launch``).
 
-Two methods: the certified optimum of the LQF objective with λ chosen on held-out training images
+Two methods: the certified optimum of the LQF objective with λ chosen by cross-validation over the training images
 (``method="solve"``, ``solve.py`` and ``optimum.py``; the default), or the paper's early-stopped loop
 (``method="sgd"``, ``sgd.py``). The frozen trunk's outputs are computed once and cached when the data is not
 augmented (``cache.py``), so each pass costs only the linearized tail. Every process takes its slice of the
@@ -107,7 +107,7 @@ class LQFTrainer:
 
     def _solve(self, train_data: TrunkCache, eval_data: Dataset | None, settings: str, data: str,
                saved: dict[str, torch.Tensor], resumed: TrainerState | None) -> None:
-        """The certified optimum: λ from one Krylov path scored on held-out training images, then the refit."""
+        """The certified optimum: λ from Krylov paths scored by cross-validation, then the refit."""
         args, acc, model = self.args, self.accelerator, self.model
         started = time.perf_counter()
         progress = args.progress and acc.is_main_process
@@ -142,15 +142,15 @@ class LQFTrainer:
         self._log(record)
 
     def select_ridge(self) -> Selection:
-        """Only the choice of λ: the regularisation path over ``ridge_grid``, scored on held-out training
-        images (no refit, nothing written). For studies of settings on validation data."""
+        """Only the choice of λ: the regularisation paths over ``ridge_grid``, scored by cross-validation over
+        the training images (no refit, nothing written). For studies of settings on validation data."""
         train_data = self.inputs("train")
         return self._select_ridge(train_data, self._prior(self._data_term(train_data, None), {}))
 
     def _select_ridge(self, train_data: TrunkCache, metric: PriorMetric) -> Selection:
         args = self.args
         return select_ridge(lambda rows: self._data_term(train_data, rows), train_data.labels, train_data.digests,
-                            metric, args.ridge_grid, fraction=args.validation_fraction, seed=args.seed,
+                            metric, args.ridge_grid, folds=args.validation_folds, seed=args.seed,
                             max_iterations=args.max_iterations,
                             progress=args.progress and self.accelerator.is_main_process)
 
@@ -180,7 +180,7 @@ class LQFTrainer:
         if args.method == Method.SOLVE.value:  # the certificate
             summary.update({k: final[k] for k in ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound",
                                                   "iterations", "path_iterations")})
-            summary["ridge_selection"] = (f"validation: {args.validation_fraction:.0%} of the training images per class"
+            summary["ridge_selection"] = (f"{args.validation_folds}-fold cross-validation over the training images"
                                           if len(args.ridge_grid) > 1 else "fixed")
         else:
             summary.update({"epochs": final["epoch"], "learning_rate": final["learning_rate"]})

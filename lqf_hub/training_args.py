@@ -58,7 +58,7 @@ class LQFTrainingArguments:
     output_dir: str = field(default="lqf-output", metadata={"help": "Where the model, metrics and checkpoints go."})
     method: str = field(
         default=Method.SOLVE.value,
-        metadata={"help": "'solve': the certified optimum, λ chosen on held-out training images; 'sgd': the "
+        metadata={"help": "'solve': the certified optimum, λ chosen by cross-validation on the training images; 'sgd': the "
                           "early-stopped preconditioned SGD loop (for augmentation or data too large to cache).",
                   "choices": Method},
     )
@@ -69,11 +69,12 @@ class LQFTrainingArguments:
     )
     ridge_grid: list[float] = field(
         default_factory=lambda: [1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1],
-        metadata={"help": "λ values 'solve' chooses from on the held-out images (one value: no choice). With the "
+        metadata={"help": "λ values 'solve' chooses from by cross-validation (one value: no choice). With the "
                           "K-FAC prior λ = 1 weighs the prior as much as the data."},
     )
-    validation_fraction: float = field(
-        default=0.2, metadata={"help": "Share of every class of the training images held out to choose λ."}
+    validation_folds: int = field(
+        default=5, metadata={"help": "Folds of the cross-validation that chooses λ (one Krylov path each; at most "
+                                     "one per training image)."}
     )
     tolerance: float = field(
         default=1e-4, metadata={"help": "'solve' stops when the relative gradient norm is below this."}
@@ -140,8 +141,8 @@ class LQFTrainingArguments:
             raise ValueError(f"`damping` must be >= 0, got {self.damping}.")
         if not self.ridge_grid or not all(r > 0 for r in self.ridge_grid):
             raise ValueError(f"`ridge_grid` must hold values > 0, got {self.ridge_grid}.")
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"`validation_fraction` must be in (0, 1), got {self.validation_fraction}.")
+        if self.validation_folds < 2:
+            raise ValueError(f"`validation_folds` must be >= 2, got {self.validation_folds}.")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"`tolerance` must be in (0, 1), got {self.tolerance}.")
         if self.method == Method.SOLVE.value and self.prior == Prior.KFAC.value and not self.damping > 0:

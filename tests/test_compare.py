@@ -8,7 +8,7 @@ import torch
 
 from lqf_hub.cache import content_digests
 from lqf_hub.compare import METHODS, RUNS_FILE, CompareSettings, _choose, _decoded, _draw, _load_splits, \
-    _lqf_trainer, load_runs, run_comparison
+    load_runs, run_comparison, stratified_split
 from lqf_hub.compare_report import markdown, paired_difference, summarize, targets
 from lqf_hub.cli import main
 
@@ -63,18 +63,31 @@ def test_runs_of_other_settings_or_a_cut_line_are_refused(swept, tmp_path):
         load_runs(tmp_path, settings)
 
 
-def test_the_held_out_split_is_the_one_the_solver_chooses_lambda_on(tmp_path):
+def test_the_held_out_split_is_stratified_by_content(tmp_path):
     settings = CompareSettings(**TINY)
     train_full, test = _load_splits(settings)
     from lqf_hub.adapters import backbone_from_name
 
     config = {**backbone_from_name(settings.model).data_config, "input_size": [3, 32, 32]}
     draw = _draw(train_full, _decoded(test, config), 3, 0, settings.validation_fraction, config)
-    trainer = _lqf_trainer(METHODS["lqf"], draw, settings, None, None, str(tmp_path))
-    cached = trainer.inputs("train")
-    assert torch.equal(cached.digests, content_digests(trainer.train_dataset))  # what stratified_split is given
     assert len(draw.held) == 10 and len(draw.fit) == 20  # one of three per class held out
     assert set(draw.held.tolist()).isdisjoint(draw.fit.tolist())
+    labels = torch.tensor([item["label"] for item in draw.train_items])
+    assert torch.bincount(labels[draw.held]).tolist() == [1] * 10
+    keys = content_digests(draw.train_items)
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    fit, held = stratified_split(labels[order], keys[order], settings.validation_fraction, seed=0)
+    assert sorted(order[held].tolist()) == draw.held.tolist()  # the images decide, not their order
+
+
+def test_stratified_split_holds_out_every_class():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2)
+    keys = torch.arange(17, dtype=torch.uint8)[:, None]
+    fit, held = stratified_split(labels, keys, 0.2, seed=0)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(17))
+    assert [int((labels[held] == c).sum()) for c in range(3)] == [2, 1, 1]
+    assert torch.equal(held, stratified_split(labels, keys, 0.2, seed=0)[1])
+    assert not torch.equal(held, stratified_split(labels, keys, 0.2, seed=1)[1])
 
 
 def test_choose_takes_the_best_accuracy_then_the_lower_loss_then_the_first():

@@ -1,4 +1,5 @@
-"""The trainer's solver: the certified optimum, λ chosen on held-out training images, resume, the artifact."""
+"""The trainer's solver: the certified optimum, λ chosen by cross-validation over the training images, resume,
+the artifact."""
 
 import json
 
@@ -6,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_train import closed_form, deltas, toy_images, toy_model
+from test_train import NUM_CLASSES, closed_form, deltas, toy_images, toy_model
 
 from lqf_hub import CheckpointError, LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub.optimum import _standard_error, stratified_split
+from lqf_hub import optimum
+from lqf_hub.solve import DataTerm, Flat
+from lqf_hub.optimum import _standard_error, select_ridge, stratified_folds
 
 
 def solve(model, data, tmp_path, name="run", eval_data=None, **args):
@@ -28,15 +31,14 @@ def test_fixed_ridge_reaches_the_closed_form(tmp_path):
     assert record["relative_gradient_norm"] <= 1e-11 and record["suboptimality_bound"] >= 0
 
 
-def test_ridge_is_chosen_on_held_out_training_images_and_reported(tmp_path):
+def test_ridge_is_chosen_by_cross_validation_and_reported(tmp_path):
     data, test = toy_images(30, seed=3), toy_images(9, seed=4)
     model = toy_model(torch.float32)
     record = solve(model, data, tmp_path, eval_data=test, ridge_grid=[1.0, 0.1, 0.01, 0.001], dataset_name="toy")
     state = json.loads((tmp_path / "run" / "checkpoints" / "selection" / "trainer_state.json").read_text())
     path = state["selection"]["path"]
     assert [p["ridge"] for p in path] == [1.0, 0.1, 0.01, 0.001]
-    best = min(path, key=lambda p: p["validation_loss"])  # the one-standard-error rule
-    chosen = max(p["ridge"] for p in path if p["validation_loss"] <= best["validation_loss"] + best["standard_error"])
+    chosen = min(path, key=lambda p: p["validation_loss"])["ridge"]
     assert record["ridge"] == chosen == state["selection"]["ridge"]
     assert (tmp_path / "run" / "path.png").read_bytes()[:4] == b"\x89PNG"
     assert record["relative_gradient_norm"] <= 1e-4
@@ -58,14 +60,45 @@ def test_resume_after_the_selection_gives_the_same_optimum(tmp_path):
         solve(toy_model(), toy_images(20, seed=6), tmp_path, "other", ridge_grid=[1.0, 0.01], resume_from=str(checkpoint))
 
 
-def test_stratified_split_holds_out_every_class():
+def test_folds_are_stratified_balanced_and_a_function_of_the_set_of_images():
     labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 2)
     keys = torch.arange(17, dtype=torch.uint8)[:, None]
-    fit, held = stratified_split(labels, keys, 0.2, seed=0)
-    assert sorted(torch.cat([fit, held]).tolist()) == list(range(17))
-    assert [int((labels[held] == c).sum()) for c in range(3)] == [2, 1, 1]
-    assert torch.equal(held, stratified_split(labels, keys, 0.2, seed=0)[1])
-    assert not torch.equal(held, stratified_split(labels, keys, 0.2, seed=1)[1])
+    folds = stratified_folds(labels, keys, 5, seed=0)
+    assert sorted(torch.bincount(folds).tolist()) == [3, 3, 3, 4, 4]
+    assert [int((labels[folds == f] == 0).sum()) for f in range(5)] == [2] * 5  # a class spreads evenly
+    order = torch.randperm(17, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(stratified_folds(labels[order], keys[order], 5, seed=0), folds[order])
+    assert not torch.equal(folds, stratified_folds(labels, keys, 5, seed=1))
+
+
+@pytest.mark.usefixtures("float64")
+def test_cross_validation_scores_are_the_refits_without_each_fold(monkeypatch):
+    """With exact paths, each image's score is that of the closed-form optimum on the other folds."""
+    from test_solve import _keys, brute_force, closed_form, metric_of, problem
+
+    monkeypatch.setattr(optimum, "SELECTION_TOLERANCE", 1e-12)
+    model, z, labels = problem(12)
+    j, residual = brute_force(model, z, labels)
+    keys = _keys(len(labels))
+    metric = metric_of("kfac", model, z, Flat(model.linearization_point))
+    ridges = [10.0, 0.1, 1e-3]
+    selection = select_ridge(lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=5), labels,
+                             keys, metric, ridges, folds=3, seed=0, max_iterations=40, progress=False)
+    folds = stratified_folds(labels, keys, 3, seed=0)
+    rows = folds.repeat_interleave(NUM_CLASSES)  # the fold of each row of J
+    for point in selection.points:
+        losses, correct = torch.zeros(len(labels)), torch.zeros(len(labels), dtype=torch.bool)
+        for fold in range(3):
+            delta = closed_form(j[rows != fold], residual[rows != fold], point.ridge, metric)
+            held = (residual[rows == fold] - j[rows == fold] @ delta).reshape(-1, NUM_CLASSES)  # αy − f_lin
+            losses[folds == fold] = 0.5 * held.square().sum(-1)
+            prediction = model.config.target_scale * torch.nn.functional.one_hot(labels[folds == fold], NUM_CLASSES) - held
+            correct[folds == fold] = prediction.argmax(-1) == labels[folds == fold]
+        assert point.validation_loss == pytest.approx(float(losses.mean()), rel=1e-8)
+        assert point.standard_error == pytest.approx(float(losses.std() / len(labels) ** 0.5), rel=1e-6)
+        assert point.validation_accuracy == pytest.approx(float(correct.double().mean()))
+    assert selection.ridge == min(selection.points, key=lambda p: p.validation_loss).ridge
+    assert len({round(p.validation_loss, 6) for p in selection.points}) == 3  # λ matters here
 
 
 def test_solve_needs_the_trunk_cache(tmp_path):
@@ -75,9 +108,8 @@ def test_solve_needs_the_trunk_cache(tmp_path):
 
 def test_standard_error_is_the_textbook_one():
     values = torch.tensor([0.3, -1.0, 2.5, 0.0, 1.1], dtype=torch.float64)
-    data = type("Held", (), {"count": 5, "reduce_sum": staticmethod(lambda t: t)})()
     expected = float(np.std(values.numpy(), ddof=1) / np.sqrt(5))
-    assert _standard_error(values, data) == pytest.approx(expected, rel=1e-12)
+    assert _standard_error(values.sum(), values.square().sum(), 5) == pytest.approx(expected, rel=1e-12)
 
 
 def test_select_ridge_alone_scores_the_grid_and_writes_nothing(tmp_path):
