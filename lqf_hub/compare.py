@@ -2,13 +2,13 @@
 
 For every shot count and seed, ``shots`` training images per class are drawn with the seed. Every method
 chooses its one regularising hyperparameter on those training images only and is then refit on all of them:
-the solved LQF variants choose λ as ``lqf-hub train`` does, by leave-one-out over the training images on their
-regularisation path (exact and nearly free for a convex quadratic); the methods trained by SGD hold out one
-stratified part (``validation_fraction`` of every class, split by the images' content digests and the seed)
-and choose on it — the learning rate and augmentation for fine-tuning, the weight decay for the probe, the
-number of epochs for the early-stopped SGD variants (leave-one-out would cost them a run per image). The
-test images (one stratified subset, the same for every seed and method) are read once per final model, for
-the report.
+the solved LQF variants choose λ as ``lqf-hub train`` does, by K-fold cross-validation over the training
+images on their regularisation paths (a Krylov path per fold serves every λ); the methods trained by SGD
+hold out one stratified part (``validation_fraction`` of every class, split by the images' content digests
+and the seed) and choose on it — the learning rate and augmentation for fine-tuning, the weight decay for
+the probe, the number of epochs for the early-stopped SGD variants (K folds would cost them K runs per
+candidate). The test images (one stratified subset, the same for every seed and method) are read once per
+final model, for the report.
 
 Runs are appended to ``runs.jsonl`` as they finish; a sweep restarted on the same settings skips them (and
 one with more shots, seeds or methods adds only what is missing). ``compare_report`` turns the runs into
@@ -59,7 +59,7 @@ class Method:
 METHODS = {
     "fine-tuning": Method("ft", "every weight, cross-entropy, SGD + cosine (timm recipe); lr, augmentation on validation"),
     "linear-probe": Method("probe", "logistic regression on the frozen pre-logits; weight decay on validation"),
-    "lqf": Method("solve", "LQF defaults: the certified optimum, λ by leave-one-out"),
+    "lqf": Method("solve", "LQF defaults: the certified optimum, λ by the solver's 5-fold cross-validation"),
     # its held-out loss still fell at the default grid's λ = 0.1 (a 50-shot Fashion-MNIST draw): the same nine
     # half-decades, two decades lower
     "lqf-head": Method("solve", "LQF on the last layer only", config={"linearize": "head"},

@@ -163,7 +163,7 @@ class KrylovPath:
 
     def __init__(
         self, data: DataTerm, metric: PriorMetric, ridges: list[float], *, tolerance: float,
-        max_iterations: int, progress: bool = False,
+        max_iterations: int, progress: bool = False, description: str = "Lanczos (every λ at once)",
     ) -> None:
         self.metric = metric
         start = metric.power(data.rhs, 0.5)
@@ -171,7 +171,7 @@ class KrylovPath:
         basis = [start / self.beta0]
         self.alphas: list[float] = []
         self.betas: list[float] = []
-        bar = tqdm(total=max_iterations, desc="Lanczos (every λ at once)", disable=not progress)
+        bar = tqdm(total=max_iterations, desc=description, disable=not progress)
         for _ in range(max_iterations):
             w = metric.power(data.gauss_newton(metric.power(basis[-1], 0.5)), 0.5)
             self.alphas.append(_inner(w, basis[-1]))
