@@ -335,11 +335,14 @@ def _format(value: Any) -> str:
 
 def _scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Training facts the template does not know by name (e.g. a solver certificate), flattened to
-    ``name.sub`` -> text; lists and other non-scalars are left out."""
+    ``name.sub`` -> text; lists of scalars (e.g. forgotten images) become comma-separated text, other values
+    are left out."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, Mapping):
             flat.update(_scalars(value, f"{prefix}{key}."))
         elif isinstance(value, (str, int, float, bool)):
             flat[f"{prefix}{key}"] = f"{value:.4g}" if isinstance(value, float) else str(value)
+        elif isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+            flat[f"{prefix}{key}"] = ", ".join(map(str, value))
     return flat

@@ -128,6 +128,10 @@ class LQFModel(nn.Module):
         config = config.with_classes(num_classes, labels)
         return cls(dataclasses.replace(config, backbone=backbone.spec), backbone)
 
+    def __deepcopy__(self, memo: dict) -> "LQFModel":
+        raise TypeError("An LQFModel cannot be deep-copied: its backbone's segments are closures over the original "
+                        "modules, so a copy would run them. Copy it with save_pretrained + from_pretrained.")
+
     # ----------------------------------------------------------------------------- save and load
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, base: str = "full", push_to_hub: bool = False,

@@ -143,16 +143,17 @@ class DataTerm:
         return self._mean(total)
 
     @torch.no_grad()
+    def outputs(self, delta: Tensor) -> Tensor:
+        """``f0 + J·δ`` of this shard's samples: ``[P] -> [n, C]`` (one forward-mode pass)."""
+        deltas = self.flat.unflatten(delta)
+        return torch.cat([linearized(self.model.tail_function(self.z[rows]), self.model.linearization_point, deltas)
+                          for rows in self._batches()])
+
     def sample_scores(self, delta: Tensor) -> tuple[Tensor, Tensor]:
         """Per sample of this shard, for ``f0 + J·δ``: ½‖f_lin − αy‖² ``[n]`` (float64) and correct ``[n]`` (bool)."""
-        deltas = self.flat.unflatten(delta)
-        losses, correct = [], []
-        for rows in self._batches():
-            out = linearized(self.model.tail_function(self.z[rows]), self.model.linearization_point, deltas)
-            targets = self.model.config.target_scale * F.one_hot(self.labels[rows], self.model.num_classes)
-            losses.append(0.5 * (out.double() - targets).square().sum(-1))
-            correct.append(out.argmax(-1) == self.labels[rows])
-        return torch.cat(losses), torch.cat(correct)
+        out = self.outputs(delta)
+        targets = self.model.config.target_scale * F.one_hot(self.labels, self.model.num_classes)
+        return 0.5 * (out.double() - targets).square().sum(-1), out.argmax(-1) == self.labels
 
 
 # ------------------------------------------------------------------------------------ every λ at once

@@ -126,8 +126,9 @@ class LQFTrainer:
             tensors = {f"kfac/{k}": v for k, v in metric.kfac.state_dict().items()} if metric.kfac is not None else {}
             self._checkpoint("selection", TrainerState(0, 0, None, settings, data, [], selection), tensors)
         self.selection = selection
+        start = flat.flatten(dict(model.linearized_parameters)) if args.warm_start else None
         delta, certificate = solve(everything, metric, selection["ridge"], tolerance=args.tolerance,
-                                   max_iterations=args.max_iterations, progress=progress)
+                                   max_iterations=args.max_iterations, start=start, progress=progress)
         with torch.no_grad():
             for name, part in flat.unflatten(delta).items():
                 model.linearized_parameters[name].copy_(part)
@@ -144,8 +145,13 @@ class LQFTrainer:
     def select_ridge(self) -> Selection:
         """Only the choice of λ: the regularisation paths over ``ridge_grid``, scored by cross-validation over
         the training images (no refit, nothing written). For studies of settings on validation data."""
-        train_data = self.inputs("train")
-        return self._select_ridge(train_data, self._prior(self._data_term(train_data, None), {}))
+        return self._select_ridge(self.inputs("train"), self.objective()[1])
+
+    def objective(self) -> tuple[DataTerm, PriorMetric]:
+        """The data term over all training images and the prior's metric: the objective 'solve' minimises (at
+        the model's λ), rebuilt from the training set — for attribution (``explain.Explainer``)."""
+        data = self._data_term(self.inputs("train"), None)
+        return data, self._prior(data, {})
 
     def _select_ridge(self, train_data: TrunkCache, metric: PriorMetric) -> Selection:
         args = self.args

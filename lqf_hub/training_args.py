@@ -79,6 +79,10 @@ class LQFTrainingArguments:
     tolerance: float = field(
         default=1e-4, metadata={"help": "'solve' stops when the relative gradient norm is below this."}
     )
+    warm_start: bool = field(
+        default=False, metadata={"help": "'solve' starts from the model's δ instead of zero (forgetting a few "
+                                         "images: the old optimum is close to the new one)."}
+    )
     max_iterations: int = field(
         default=300, metadata={"help": "Most products with the curvature (passes over the data) per solve."}
     )
@@ -153,7 +157,8 @@ class LQFTrainingArguments:
         output or logging."""
         ignored = {"epochs", "output_dir", "resume_from", "report_to", "progress", "num_workers", "eval_batch_size",
                    "cache_in_memory_gb", "save_every", "eval_every", "save_base", "push_to_hub", "hub_model_id",
-                   "hub_private_repo", "hub_token", "dataset_name", "eval_split_name", "tolerance", "max_iterations"}
+                   "hub_private_repo", "hub_token", "dataset_name", "eval_split_name", "tolerance", "max_iterations",
+                   "warm_start"}
         kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
         config = {k: v for k, v in model.config.to_dict().items() if k != "id2label"}
         blob = json.dumps({"args": kept, "config": config}, sort_keys=True, default=str)

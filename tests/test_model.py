@@ -169,3 +169,11 @@ def test_autocast_bfloat16(family):
     out.float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.delta.values())
     assert (out.float() - reference).norm() < 0.05 * reference.norm()
+
+
+def test_deep_copy_is_refused_with_the_way_to_copy():
+    import copy
+
+    model, _ = build("timm-efficientnet")
+    with pytest.raises(TypeError, match="save_pretrained"):
+        copy.deepcopy(model)

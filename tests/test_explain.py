@@ -1,0 +1,88 @@
+"""Attribution and forgetting: the representer split against brute-force kernels, forgetting against retraining."""
+
+import pytest
+import torch
+from test_solve import _keys, brute_force, metric_of, problem
+from test_train import NUM_CLASSES, deltas, toy_images, toy_model
+from torch.func import jacrev
+
+from lqf_hub import LQFModel, LQFTrainer, LQFTrainingArguments
+from lqf_hub.explain import Explainer
+from lqf_hub.forget import forget
+from lqf_hub.solve import DataTerm, certify, solve
+
+
+def solved(prior: str, ridge: float, tolerance: float):
+    """A float64 toy model at (or near) its optimum on 12 images, with its data term and metric."""
+    model, z, labels = problem(12)
+    data = DataTerm(model, z, labels, _keys(len(labels)), batch_size=5)
+    metric = metric_of(prior, model, z, data.flat)
+    delta, _ = solve(data, metric, ridge, tolerance=tolerance)
+    with torch.no_grad():
+        for name, part in data.flat.unflatten(delta).items():
+            model.linearized_parameters[name].copy_(part)
+    return model, z, labels, data, metric, delta
+
+
+@pytest.mark.usefixtures("float64")
+def test_contributions_are_the_brute_force_kernel_times_the_residuals():
+    ridge = 0.05
+    model, z, labels, data, metric, delta = solved("kfac", ridge, 1e-12)
+    x = model.encode_trunk(torch.stack([d["pixel_values"] for d in toy_images(2, seed=9)]).double())[:1]
+    explanation = Explainer(model, data, metric, ridge).explain(x)
+    j, residual0 = brute_force(model, z, labels)  # J [N·C, P], αY − F0 [N·C]
+    residuals = (residual0 - j @ delta).reshape(-1, NUM_CLASSES)  # r_i = αy_i − f_lin(x_i)
+    jac = jacrev(model.tail_function(x))(dict(model.linearization_point))
+    jx = torch.cat([jac[n].reshape(NUM_CLASSES, -1) for n in model.linearized_parameters], dim=1)  # [C, P]
+    m_inverse_jt = torch.stack([metric.power(row, 1.0) for row in j], dim=1)  # [P, N·C]
+    kernel = (jx @ m_inverse_jt).reshape(NUM_CLASSES, len(labels), NUM_CLASSES)  # [c, i, k]
+    expected = torch.einsum("cik,ik->ic", kernel, residuals) / (len(labels) * ridge)
+    torch.testing.assert_close(explanation.contributions, expected, rtol=1e-8, atol=1e-10)
+    change = explanation.output - explanation.base
+    assert explanation.gap.abs().max() <= 1e-8 * change.abs().max()  # at the optimum the split is exact
+    indices, values = explanation.ranked(3)
+    assert indices.tolist() == expected[:, explanation.predicted].argsort(descending=True)[:3].tolist()
+    assert explanation.ranked(3, supporting=False)[1].max() <= values.min()
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("prior", ["isotropic", "kfac"])
+def test_the_split_misses_exactly_the_gradient_term_away_from_the_optimum(prior):
+    ridge = 0.05
+    model, z, labels, data, metric, delta = solved(prior, ridge, 3e-2)
+    x = model.encode_trunk(torch.stack([d["pixel_values"] for d in toy_images(2, seed=9)]).double())[1:]
+    explanation = Explainer(model, data, metric, ridge).explain(x)
+    _, gradient = certify(data, metric, ridge, delta)
+    jac = jacrev(model.tail_function(x))(dict(model.linearization_point))
+    jx = torch.cat([jac[n].reshape(NUM_CLASSES, -1) for n in model.linearized_parameters], dim=1)
+    expected = jx @ metric.power(gradient, 1.0) / ridge  # f_lin − f0 − Σ c_i = J(x) M⁻¹ ∇L(δ) / λ
+    assert expected.abs().max() > 1e-3  # away from the optimum: a real gap
+    torch.testing.assert_close(explanation.gap, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_forgetting_equals_retraining_without_the_images(tmp_path):
+    images = toy_images(20, seed=3)
+    args = dict(method="solve", ridge_grid=[0.05], tolerance=1e-9, progress=False)
+    model = toy_model()
+    LQFTrainer(model, images, None, LQFTrainingArguments(output_dir=str(tmp_path / "full"), **args)).train()
+    before = deltas(model).clone()
+    new, record = forget(model, images, [11, 2, 5, 2], LQFTrainingArguments(output_dir=str(tmp_path / "forgot"), **args))
+    assert torch.equal(deltas(model), before)  # the original is left as it was
+    kept = [image for i, image in enumerate(images) if i not in (2, 5, 11)]
+    scratch = toy_model()
+    from_zero = LQFTrainer(scratch, kept, None, LQFTrainingArguments(output_dir=str(tmp_path / "scratch"), **args)).train()[-1]
+    assert (deltas(new) - deltas(scratch)).norm() <= 1e-6 * deltas(scratch).norm()
+    assert not torch.allclose(deltas(new), before)  # the images mattered
+    assert record["iterations"] < from_zero["iterations"]  # the warm start saves products
+    saved = LQFModel.from_pretrained(tmp_path / "forgot" / "model")
+    assert saved.training_summary["forgotten"]["removed"] == [2, 5, 11]
+    assert saved.training_summary["train_samples"] == 17 and saved.training_summary["relative_gradient_norm"] <= 1e-9
+    assert "2, 5, 11" in (tmp_path / "forgot" / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("remove, message", [([], "empty"), ([20], "outside"), (list(range(20)), "every training image")])
+def test_forget_refuses_what_it_cannot_do(tmp_path, remove, message):
+    model = toy_model()
+    model.config.ridge = 0.1
+    with pytest.raises(ValueError, match=message):
+        forget(model, toy_images(20, seed=3), remove, LQFTrainingArguments(output_dir=str(tmp_path), progress=False))
