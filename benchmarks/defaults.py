@@ -1,9 +1,10 @@
 """Defaults chosen on validation data only: every setting scored on held-out training images.
 
-For each dataset, shot count and seed the training images are drawn as `lqf-hub train` draws them. The
-solver's own split holds out 20% of them per class (stratified, seeded by content); one Krylov path per
-setting gives the optimum at every λ of a wide grid, scored on the held-out images, and the
-one-standard-error rule picks λ as `lqf-hub train` does. The test split is never loaded.
+For each dataset, shot count and seed the training images are drawn as `lqf-hub train` draws them, and
+each setting is scored by the solver's own choice of λ (`LQFTrainer.select_ridge`): Krylov paths give the
+optimum at every λ of a wide grid, scored on images they did not see, and the one-standard-error rule
+picks λ as `lqf-hub train` does. The test split is never loaded. The recorded results were made when that
+choice held out 20% of the images per class (one path); since 2026-12-03 it is 5-fold cross-validation.
 
     python benchmarks/defaults.py run --datasets fashion-mnist mnist-5k --shots 100 --seeds 0 1 2 \
         --variants linearize=last:1 linearize=last:2 linearize=last:3 --out benchmarks/results/defaults_validation.jsonl
@@ -99,8 +100,9 @@ def summary(args) -> None:
         "# Defaults chosen on validation data",
         "",
         f"Made by `benchmarks/defaults.py` ({DEFAULT_MODEL}, {DEFAULT_IMAGE_SIZE} px; training images drawn as "
-        "`lqf-hub train` draws them; 20% of them per class held out by the solver's split; **no test image "
-        "is read**). Each cell: held-out accuracy % at the λ the one-standard-error rule picks from the grid "
+        "`lqf-hub train` draws them; scored by the solver's choice of λ of the time of the run — before 2026-12-03 "
+        "20% of them per class held out, since then 5-fold cross-validation; **no test image is read**). Each "
+        "cell: held-out accuracy % at the λ the one-standard-error rule picks from the grid "
         f"{WIDE_GRID}, mean ± sd over seeds (n = seeds), then the mean held-out loss (MSE to α·one-hot; "
         "comparable only between variants with the same α). Commands: the docstring of `benchmarks/defaults.py`.",
         "",

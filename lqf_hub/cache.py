@@ -75,7 +75,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 def content_digests(dataset: Dataset) -> torch.Tensor:
     """The digests a :class:`TrunkCache` of ``dataset`` would hold, without running the trunk: ``[N, 32]``
-    uint8 (so that other methods can share the solver's held-out split)."""
+    uint8 (for splits that depend on the images, not their order, and to check a rebuilt training set)."""
     digests = [_item_digests(pixels, labels) for pixels, labels in DataLoader(dataset, batch_size=256, collate_fn=collate)]
     return torch.cat(digests) if digests else torch.empty(0, 32, dtype=torch.uint8)
 

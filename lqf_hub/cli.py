@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="LQF against fine-tuning, a linear probe and ablations over shots and seeds, on one dataset.")
     compare.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
-                         help="Defaults of the sweep: 'cpu' (2 cores, <= 30 min per dataset) or 'gpu'. Default: cpu.")
+                         help="Defaults of the sweep: 'cpu' (2 cores: about an hour per dataset with every method) or 'gpu'. "
+                              "Default: cpu.")
     compare.add_argument("--output-dir", default="compare-output", help="Runs, report and plot. Default: compare-output.")
     compare.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
     from .compare import CompareSettings
@@ -81,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="Image files or folders of images.")
     predict.add_argument("--top-k", type=int, default=3, help="Classes per image. Default: 3.")
     predict.add_argument("--format", default="table", choices=["table", "json"], help="Default: table.")
+
+    explain = commands.add_parser(
+        "explain", help="Split predictions exactly over the training images (needs a model from `lqf-hub train`).")
+    _model_arguments(explain, "lqf-output/model", "LQF checkpoint. Default: lqf-output/model")
+    explain.add_argument("images", nargs="+", help="Image files or folders of images.")
+    explain.add_argument("--top-k", type=int, default=5, help="Supporting and opposing training images shown. Default: 5.")
+    explain.add_argument("--output-dir", default="explain-output", help="JSON and one PNG per image. Default: explain-output.")
+
+    forget = commands.add_parser(
+        "forget", help="The model without some training images: the certified optimum on the rest (same λ).")
+    _model_arguments(forget, "lqf-output/model", "LQF checkpoint. Default: lqf-output/model")
+    forget.add_argument("--remove", type=int, nargs="+", required=True,
+                        help="Positions of the training images to forget, as `lqf-hub explain` reports them.")
+    forget.add_argument("--output-dir", default="forget-output", help="Where the new model goes (model/). Default: forget-output.")
+    forget.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
 
     push = commands.add_parser("push", help="Upload an LQF checkpoint to the Hugging Face Hub.")
     _model_arguments(push, "lqf-output", "Checkpoint directory. Default: lqf-output")
@@ -172,12 +188,15 @@ def run_train(args) -> dict[str, Any]:
     _check_output_dir(output, args.overwrite, training.resume_from)
     columns = {"image_column": args.image_column, "label_column": args.label_column}
     train_data = load_image_dataset(args.dataset, args.train_split, **columns)
+    source = {"dataset": args.dataset, "split": args.train_split, "val_fraction": None, "shots": args.shots,
+              "seed": training.seed, **columns}  # what `lqf-hub explain` and `forget` rebuild the images from
     try:
         eval_data = load_image_dataset(args.dataset, args.eval_split, **columns)
         training.eval_split_name = args.eval_split
     except MissingSplit:  # hold out a stratified part of the training split
         train_data, eval_data = split_validation(train_data, args.val_fraction, seed=training.seed)
         training.eval_split_name = f"validation ({args.val_fraction:.0%} of {args.train_split})"
+        source["val_fraction"] = args.val_fraction
     names = class_names(train_data)
     if args.shots:
         train_data = sample_shots(train_data, args.shots, seed=training.seed)
@@ -189,7 +208,7 @@ def run_train(args) -> dict[str, Any]:
     if image_size:
         model.set_image_size(image_size)
     trainer = LQFTrainer(model, with_transform(train_data, model.data_config, augment=args.augment),
-                         with_transform(eval_data, model.data_config), training)
+                         with_transform(eval_data, model.data_config), training, train_source=source)
     if state.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         (output / OUTPUT_MARKER).write_text("written by lqf-hub train\n")
@@ -337,6 +356,100 @@ def _image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def _training_images(model) -> tuple[Any, Any]:
+    """The images ``model`` was solved on, rebuilt from its card's record and checked against its
+    fingerprint: ``(raw dataset, transformed dataset)``."""
+    import hashlib
+
+    from .cache import content_digests
+    from .data import load_image_dataset, sample_shots, split_validation, with_transform
+
+    summary = model.training_summary or {}
+    source = summary.get("train_data")
+    if summary.get("method") != "solve" or not source:
+        raise CLIError("This model has no record of the images it was solved on (it was not made by `lqf-hub train` "
+                       "with --method solve); use lqf_hub.explain.Explainer with its training set instead.")
+    raw = load_image_dataset(source["dataset"], source["split"], image_column=source.get("image_column"),
+                             label_column=source.get("label_column"))
+    if source.get("val_fraction"):
+        raw = split_validation(raw, source["val_fraction"], seed=source["seed"])[0]
+    if source.get("shots"):
+        raw = sample_shots(raw, source["shots"], seed=source["seed"])
+    images = with_transform(raw, model.data_config)
+    if hashlib.sha256(content_digests(images).numpy().tobytes()).hexdigest() != source.get("fingerprint"):
+        raise CLIError(f"The training images rebuilt from {source['dataset']} ({source['split']}) are not the ones the "
+                       "model was solved on (another dataset version or preprocessing); nothing was computed.")
+    return raw, images
+
+
+def _objective_arguments(model, output_dir: str, progress: bool = True):
+    from .training_args import LQFTrainingArguments
+
+    summary = model.training_summary
+    return LQFTrainingArguments(output_dir=output_dir, prior=summary["prior"], progress=progress,
+                                damping=summary.get("damping", LQFTrainingArguments.damping),
+                                kfac_outputs=summary.get("kfac_outputs", LQFTrainingArguments.kfac_outputs))
+
+
+def run_explain(args) -> dict[str, Any]:
+    from PIL import Image
+
+    from .data import image_transform
+    from .explain import Explainer, plot_explanation
+    from .files import atomic_write_text
+    from .model import LQFModel
+    from .train import LQFTrainer
+
+    model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
+                                     revision=args.revision, token=args.token)
+    files = _image_files(args.images)
+    raw, images = _training_images(model)
+    output = Path(args.output_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, metric = LQFTrainer(model, images, None, _objective_arguments(model, tmp)).objective()
+    explainer = Explainer(model, data, metric, model.config.ridge)
+    transform, names = image_transform(model.data_config), model.config.id2label
+    labels = [int(label) for label in data.labels]
+    rows = []
+    for path in files:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+        explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)))
+        top = {kind: explanation.ranked(args.top_k, supporting=kind == "supporting") for kind in ("supporting", "opposing")}
+        row = {"image": str(path), "predicted": names[explanation.predicted],
+               "output": explanation.output[explanation.predicted].item(),
+               "base": explanation.base[explanation.predicted].item(),
+               "unexplained": explanation.gap[explanation.predicted].item(),
+               **{kind: [{"train_index": int(i), "label": names[labels[int(i)]], "contribution": float(v)}
+                         for i, v in zip(*top[kind])] for kind in top}}
+        rows.append(row)
+        output.mkdir(parents=True, exist_ok=True)
+        plot_explanation(picture, row, [raw[i]["image"] for kind in top for i in top[kind][0].tolist()],
+                         output / f"{path.stem}.png")
+    atomic_write_text(output / "explanations.json", json.dumps(rows, indent=2))
+    return {"images": len(rows), "training_images": len(labels), "ridge": model.config.ridge,
+            "json": str(output / "explanations.json")}
+
+
+def run_forget(args) -> dict[str, Any]:
+    from .forget import forget
+    from .model import LQFModel
+
+    model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
+                                     revision=args.revision, token=args.token)
+    output = Path(args.output_dir)
+    _check_output_dir(output, args.overwrite, None)
+    _, images = _training_images(model)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / OUTPUT_MARKER).write_text("written by lqf-hub forget\n")
+    new, record = forget(model, images, args.remove, _objective_arguments(model, str(output)))
+    return {"model": str(output / "model"), "removed": len(new.training_summary["forgotten"]["removed"]),
+            "train_samples": new.training_summary["train_samples"], "ridge": record["ridge"],
+            "relative_gradient_norm": record["relative_gradient_norm"],
+            "suboptimality_bound": record["suboptimality_bound"], "iterations": record["iterations"],
+            "seconds": new.training_summary["forgotten"]["seconds"]}
+
+
 def run_push(args) -> dict[str, Any]:
     from .model import LQFModel
 
@@ -440,7 +553,8 @@ def _dispatch(args, argv: list[str]) -> int:
     if args.command == "compare":
         _print_table(run_compare(args, argv))
         return 0
-    result = {"train": run_train, "eval": run_eval, "push": run_push, "info": run_info, "convert": run_convert}[args.command](args)
+    result = {"train": run_train, "eval": run_eval, "explain": run_explain, "forget": run_forget, "push": run_push,
+              "info": run_info, "convert": run_convert}[args.command](args)
     if process_state().is_main_process:
         if getattr(args, "format", "table") == "json" or args.command == "info":
             print(json.dumps(result, indent=2))

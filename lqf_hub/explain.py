@@ -10,11 +10,14 @@ exactly over the training images (a representer theorem):
 misses ``J(x) M⁻¹ ∇L(δ) / λ`` (:attr:`Explanation.gap`), which vanishes with the certificate's gradient.
 
 For one image, C backward passes give ``M⁻¹ J(x)ᵀ e_c`` and C forward-mode passes over the training set
-give every ``J_i M⁻¹ J(x)ᵀ e_c``: exact, at the cost of C passes over the training data per image.
+give every ``J_i M⁻¹ J(x)ᵀ e_c``: exact, at the cost of C passes over the training data per image. A
+training image's share of its own prediction, ``c_i(x_i)``, needs only its own C backward passes; what the
+others predict without it, ``f_lin(x_i) − c_i(x_i)``, ranks the images whose label the rest argues against.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,17 +68,79 @@ class Explainer:
 
     def explain(self, trunk_output: Tensor) -> Explanation:
         """The split of one image's prediction: ``trunk_output [1, ...]`` (``model.encode_trunk`` of the image)."""
-        model, data = self.model, self.data
-        zero = {n: t.requires_grad_() for n, t in data.flat.unflatten(data.flat.zeros()).items()}
+        data = self.data
+        base, _, rows = self._jacobian_rows(trunk_output)
+        kernel = torch.stack([data.outputs(row) - data.f0 for row in rows], dim=-1)  # J_i M⁻¹ J(x)ᵀ: [N, C, C]
+        contributions = torch.einsum("nkc,nk->nc", kernel, self.residuals) / (data.count * self.ridge)
+        with torch.no_grad():
+            output = self.model(trunk_output=trunk_output)[0]
+        return Explanation(base, output, contributions)
+
+    def self_influence(self) -> Tensor:
+        """Every training image's share of its own prediction, ``c_i(x_i)`` ``[N, C]``. The other images
+        alone predict ``f_lin(x_i) − c_i(x_i)`` to first order: a mislabelled image is one they argue against
+        (:meth:`label_margins`)."""
+        shares = []
+        for z, residual in zip(self.data.z.split(1), self.residuals):
+            _, gradients, rows = self._jacobian_rows(z)
+            shares.append((gradients @ rows.T) @ residual)  # (J_i M⁻¹ J_iᵀ)ᵀ r_i, the kernel block is symmetric
+        return torch.stack(shares) / (self.data.count * self.ridge)
+
+    def label_margins(self) -> Tensor:
+        """How much the other training images favour each image's own label: their prediction's output for
+        the label minus its largest other output ``[N]``; the lowest are the likeliest mislabelled."""
+        data = self.data
+        others = data.outputs(data.flat.flatten(dict(self.model.linearized_parameters))) - self.self_influence()
+        own = others.gather(1, data.labels[:, None])[:, 0]
+        rest = others.scatter(1, data.labels[:, None], float("-inf")).max(1).values
+        return own - rest
+
+    def _jacobian_rows(self, trunk_output: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For one image: ``f0(x) [C]``, the rows of its Jacobian ``J(x) [C, P]`` and ``(M⁻¹ J(x)ᵀ)ᵀ [C, P]``
+        (C backward passes)."""
+        model, flat = self.model, self.data.flat
+        zero = {n: t.requires_grad_() for n, t in flat.unflatten(flat.zeros()).items()}
         base = linearized(model.tail_function(trunk_output), model.linearization_point, zero)[0]
-        kernel = []  # J_i M⁻¹ J(x)ᵀ e_c, one [N, C] block per class c
+        gradients = []
         for c in range(model.num_classes):
             grads = torch.autograd.grad(base[c], list(zero.values()), retain_graph=c + 1 < model.num_classes,
                                         allow_unused=True)
-            row = torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1) for g, t in zip(grads, zero.values())])
-            kernel.append(data.outputs(self.metric.power(row, 1.0)) - data.f0)
-        scale = 1.0 / (data.count * self.ridge)
-        contributions = scale * torch.einsum("nkc,nk->nc", torch.stack(kernel, dim=-1), self.residuals)
-        with torch.no_grad():
-            output = model(trunk_output=trunk_output)[0]
-        return Explanation(base.detach(), output.detach(), contributions.detach())
+            gradients.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
+                                        for g, t in zip(grads, zero.values())]))
+        gradients = torch.stack(gradients)
+        rows = torch.stack([self.metric.power(g, 1.0) for g in gradients])
+        return base.detach(), gradients, rows
+
+def plot_explanation(image, row: dict, train_images: list, path) -> None:
+    """One explanation as a PNG (written atomically): the image and its prediction, then the training images
+    of ``row["supporting"]`` (top row) and ``row["opposing"]`` (bottom row) with their labels and contributions.
+    ``train_images``: those training images (PIL), supporting first."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write_bytes
+
+    columns = max(len(row["supporting"]), len(row["opposing"]), 1) + 1
+    fig, axes = plt.subplots(2, columns, figsize=(1.8 * columns, 4.2), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title(f"predicted\n{row['predicted']}", fontsize=9)
+    axes[1, 0].text(0.0, 0.5, f"output {row['output']:.2f}\n= base {row['base']:.2f}\n+ Σ training images\n"
+                    f"(unexplained {row['unexplained']:.1e})", fontsize=8, va="center")
+    shown = iter(train_images)
+    for line, kind in enumerate(("supporting", "opposing")):
+        for column, item in enumerate(row[kind], start=1):
+            axes[line, column].imshow(np.asarray(next(shown)), cmap="gray")  # PIL images or arrays
+            axes[line, column].set_title(f"#{item['train_index']} {item['label']}\n{item['contribution']:+.3f}",
+                                         fontsize=8, color="C2" if kind == "supporting" else "C3")
+    fig.suptitle("training images that most raise (top) and lower (bottom) the predicted class's output", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

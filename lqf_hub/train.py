@@ -55,8 +55,11 @@ class LQFTrainer:
         train_dataset: Dataset,
         eval_dataset: Dataset | None = None,
         args: LQFTrainingArguments | None = None,
+        train_source: dict[str, Any] | None = None,
     ) -> None:
         self.model, self.train_dataset, self.eval_dataset = model, train_dataset, eval_dataset
+        self.train_source = train_source  # how to fetch the training images again (recorded in the card)
+        self._data_fingerprint: str | None = None
         self.args = args or LQFTrainingArguments()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if dataset is not None and len(dataset) == 0:
@@ -92,6 +95,7 @@ class LQFTrainer:
         saved, resumed = self._load_resume(settings)  # settings first: refuse before the (long) caching
         train_data = self.inputs("train")
         data = train_data.fingerprint if isinstance(train_data, TrunkCache) else dataset_fingerprint(train_data)
+        self._data_fingerprint = data
         if resumed is not None and resumed.data_fingerprint != data:
             raise CheckpointError(
                 f"Checkpoint {args.resume_from} was trained on another training set (other images, labels or "
@@ -186,10 +190,13 @@ class LQFTrainer:
         if args.method == Method.SOLVE.value:  # the certificate
             summary.update({k: final[k] for k in ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound",
                                                   "iterations", "path_iterations")})
+            summary.update(damping=args.damping, kfac_outputs=args.kfac_outputs)  # the rest of the objective
             summary["ridge_selection"] = (f"{args.validation_folds}-fold cross-validation over the training images"
                                           if len(args.ridge_grid) > 1 else "fixed")
         else:
             summary.update({"epochs": final["epoch"], "learning_rate": final["learning_rate"]})
+        if self.train_source is not None:
+            summary["train_data"] = {**self.train_source, "fingerprint": self._data_fingerprint}
         if self.eval_dataset is not None and "eval_accuracy" in final:
             summary["eval_samples"] = len(self.eval_dataset)
             summary["metrics"] = {"accuracy": final["eval_accuracy"], "mse_loss": final["eval_loss"]}

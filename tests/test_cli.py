@@ -7,16 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from lqf_hub import LQFModel
 from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint, load_legacy_checkpoint
 from lqf_hub.baselines import accuracy
 from lqf_hub.cli import main
-from lqf_hub.data import load_image_dataset, with_transform
+from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 
 # The default job, scaled to seconds: same model and pipeline, fewer images, smaller inputs.
 TINY = ["--dataset", "mnist-5k", "--shots", "4", "--eval-per-class", "3", "--image-size", "32", "--epochs", "2",
@@ -254,3 +256,44 @@ def test_train_solves_to_a_certificate_with_lambda_chosen_on_held_out_images(tmp
     assert (output / "path.png").read_bytes()[:4] == b"\x89PNG"
     summary = LQFModel.from_pretrained(output / "model").training_summary
     assert summary["ridge"] == metrics["ridge"] and summary["relative_gradient_norm"] == metrics["relative_gradient_norm"]
+
+
+def test_explain_splits_a_prediction_over_the_rebuilt_training_images(trained, capsys, tmp_path):
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.asarray(load_image_dataset("mnist-5k", "test")[7]["image"], dtype=np.uint8)).save(image)
+    code, out, err = run(capsys, "explain", "--model", str(trained / "model"), str(image), "--top-k", "3",
+                         "--output-dir", str(tmp_path / "why"))
+    assert code == 0, err
+    [row] = json.loads((tmp_path / "why" / "explanations.json").read_text())
+    model = LQFModel.from_pretrained(trained / "model")
+    pixels = with_transform(load_image_dataset("mnist-5k", "test"), model.data_config)[7]["pixel_values"][None]
+    with torch.no_grad():
+        logits = model(pixels)[0]
+    assert row["predicted"] == model.config.id2label[int(logits.argmax())]
+    assert row["output"] == pytest.approx(float(logits.max()), abs=1e-4)
+    # the split is exact up to the certificate's gradient (relative 1e-4 here)
+    assert abs(row["unexplained"]) <= 1e-2 * abs(row["output"] - row["base"])
+    supporting = [r["contribution"] for r in row["supporting"]]
+    assert supporting == sorted(supporting, reverse=True) and len(supporting) == 3
+    assert max(r["contribution"] for r in row["opposing"]) <= min(supporting)
+    train = sample_shots(load_image_dataset("mnist-5k", "train"), 4, seed=0)
+    names = model.config.id2label
+    assert all(names[train[r["train_index"]]["label"]] == r["label"] for r in row["supporting"] + row["opposing"])
+    assert (tmp_path / "why" / "digit.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_forget_gives_the_optimum_without_the_images(trained, capsys, tmp_path):
+    code, out, err = run(capsys, "forget", "--model", str(trained / "model"), "--remove", "3", "0",
+                         "--output-dir", str(tmp_path / "forgot"))
+    assert code == 0, err
+    summary = LQFModel.from_pretrained(tmp_path / "forgot" / "model").training_summary
+    assert summary["forgotten"]["removed"] == [0, 3] and summary["train_samples"] == 38
+    assert summary["relative_gradient_norm"] <= 1e-4
+    assert summary["ridge"] == LQFModel.from_pretrained(trained / "model").config.ridge
+
+
+def test_explain_needs_the_record_of_the_training_images(tmp_path, capsys):
+    output = tmp_path / "sgd"
+    assert main(["train", *TINY, "--method", "sgd", "--epochs", "1", "--no-probe", "--output-dir", str(output)]) == 0
+    code, _, err = run(capsys, "explain", "--model", str(output / "model"), str(PHOTOS / "astronaut.png"))
+    assert code == 2 and "no record of the images" in err

@@ -46,6 +46,35 @@ def test_contributions_are_the_brute_force_kernel_times_the_residuals():
 
 
 @pytest.mark.usefixtures("float64")
+def test_self_influence_is_each_image_s_own_contribution():
+    ridge = 0.05
+    model, z, labels, data, metric, delta = solved("kfac", ridge, 1e-12)
+    explainer = Explainer(model, data, metric, ridge)
+    shares = explainer.self_influence()
+    for i in (0, 7):
+        torch.testing.assert_close(shares[i], explainer.explain(z[i:i + 1]).contributions[i], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.usefixtures("float64")
+def test_flipped_labels_have_the_lowest_label_margins():
+    model = toy_model()
+    images = toy_images(30, seed=5)
+    flipped = [4, 17]
+    for i in flipped:
+        images[i] = {**images[i], "label": (images[i]["label"] + 1) % NUM_CLASSES}
+    z = model.encode_trunk(torch.stack([d["pixel_values"] for d in images]))
+    labels = torch.tensor([d["label"] for d in images])
+    data = DataTerm(model, z, labels, _keys(len(labels)), batch_size=10)
+    metric = metric_of("kfac", model, z, data.flat)
+    delta, _ = solve(data, metric, 1.0, tolerance=1e-10)
+    with torch.no_grad():
+        for name, part in data.flat.unflatten(delta).items():
+            model.linearized_parameters[name].copy_(part)
+    margins = Explainer(model, data, metric, 1.0).label_margins()
+    assert sorted(margins.argsort()[:2].tolist()) == flipped
+
+
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("prior", ["isotropic", "kfac"])
 def test_the_split_misses_exactly_the_gradient_term_away_from_the_optimum(prior):
     ridge = 0.05
