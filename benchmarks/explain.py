@@ -50,7 +50,7 @@ def main() -> None:
     train = sample_shots(load_image_dataset("fashion-mnist", "train"), args.shots, seed=args.seed)
     test = sample_shots(load_image_dataset("fashion-mnist", "test"), 200, seed=1000 + args.seed, at_most=True)
     lines = [f"# Attribution and forgetting on Fashion-MNIST ({args.shots} shots, {args.image_size} px, seed {args.seed})",
-             "", f"`python benchmarks/explain.py --shots {args.shots} --test-images {args.test_images} --forget "
+             "", f"`python benchmarks/explain.py --shots {args.shots} --image-size {args.image_size} --test-images {args.test_images} --forget "
              f"{args.forget} --flip {args.flip} --out {args.out}`", ""]
     with tempfile.TemporaryDirectory() as tmp:
         model, trainer, record = build(args, train, f"{tmp}/full")

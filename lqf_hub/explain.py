@@ -125,7 +125,7 @@ def plot_explanation(image, row: dict, train_images: list, path) -> None:
     from .files import atomic_write_bytes
 
     columns = max(len(row["supporting"]), len(row["opposing"]), 1) + 1
-    fig, axes = plt.subplots(2, columns, figsize=(1.8 * columns, 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, columns, figsize=(1.8 * columns, 4.9), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     axes[0, 0].imshow(image)
