@@ -86,17 +86,17 @@ def select_ridge(
     DataTerm`` over those images; ``keys`` identify the images (see :func:`stratified_folds`)."""
     if len(labels) < 2:
         raise ValueError("Choosing λ needs at least 2 training images; pass one value in `ridge_grid` instead.")
-    assignment = stratified_folds(labels, keys, min(folds, len(labels)), seed)
+    folds = min(folds, len(labels))
+    assignment = stratified_folds(labels, keys, folds, seed)  # every fold holds images: the deal is balanced
     ridges = sorted(ridges, reverse=True)
     sums = {r: torch.zeros(3, dtype=torch.float64) for r in ridges}  # Σ loss, Σ loss², Σ correct
     residuals = dict.fromkeys(ridges, 0.0)
     iterations = 0
-    present = assignment.unique().tolist()
-    for fold in present:
+    for fold in range(folds):
         held = make_data((assignment == fold).nonzero().flatten())
         path = KrylovPath(make_data((assignment != fold).nonzero().flatten()), metric, ridges,
                           tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations, progress=progress,
-                          description=f"λ path, fold {fold + 1}/{len(present)}")
+                          description=f"λ path, fold {fold + 1}/{folds}")
         iterations += path.iterations
         for ridge in ridges:
             losses, correct = held.sample_scores(path.solution(ridge))
