@@ -357,8 +357,8 @@ def _image_files(inputs: list[str]) -> list[Path]:
 
 
 def _training_images(model) -> tuple[Any, Any]:
-    """The images ``model`` was solved on, rebuilt from its card's record and checked against its
-    fingerprint: ``(raw dataset, transformed dataset)``."""
+    """The images ``model`` was solved on, rebuilt from its card's record, checked against its fingerprint,
+    less any it forgot: ``(raw dataset, transformed dataset)``."""
     import hashlib
 
     from .cache import content_digests
@@ -379,6 +379,10 @@ def _training_images(model) -> tuple[Any, Any]:
     if hashlib.sha256(content_digests(images).numpy().tobytes()).hexdigest() != source.get("fingerprint"):
         raise CLIError(f"The training images rebuilt from {source['dataset']} ({source['split']}) are not the ones the "
                        "model was solved on (another dataset version or preprocessing); nothing was computed.")
+    forgotten = set(summary.get("forgotten", {}).get("removed", []))
+    if forgotten:
+        raw = raw.select([i for i in range(len(raw)) if i not in forgotten])
+        images = with_transform(raw, model.data_config)
     return raw, images
 
 
@@ -437,6 +441,9 @@ def run_forget(args) -> dict[str, Any]:
 
     model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
                                      revision=args.revision, token=args.token)
+    if "forgotten" in (model.training_summary or {}):
+        raise CLIError("This model has already forgotten images; forget from the original model, with every index "
+                       "to remove at once (indices of its training set, as `lqf-hub explain` of it reports them).")
     output = Path(args.output_dir)
     _check_output_dir(output, args.overwrite, None)
     _, images = _training_images(model)

@@ -111,10 +111,11 @@ class Explainer:
         rows = torch.stack([self.metric.power(g, 1.0) for g in gradients])
         return base.detach(), gradients, rows
 
+
 def plot_explanation(image, row: dict, train_images: list, path) -> None:
     """One explanation as a PNG (written atomically): the image and its prediction, then the training images
     of ``row["supporting"]`` (top row) and ``row["opposing"]`` (bottom row) with their labels and contributions.
-    ``train_images``: those training images (PIL), supporting first."""
+    ``train_images``: those training images (PIL images or arrays), supporting first."""
     import io
 
     import matplotlib

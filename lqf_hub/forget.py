@@ -45,7 +45,8 @@ def forget(
     args = dataclasses.replace(args, method="solve", ridge_grid=[model.config.ridge], warm_start=True)
     trainer = LQFTrainer(new, Subset(train_dataset, kept), None, args)
     record = trainer.train()[-1]
-    new.training_summary = {**new.training_summary, "train_samples": len(kept),
+    source = {"train_data": model.training_summary["train_data"]} if "train_data" in model.training_summary else {}
+    new.training_summary = {**new.training_summary, **source, "train_samples": len(kept),
                             "forgotten": {"removed": removed, "of": len(train_dataset),
                                           "seconds": time.perf_counter() - started}}
     trainer.save_model()

@@ -290,6 +290,16 @@ def test_forget_gives_the_optimum_without_the_images(trained, capsys, tmp_path):
     assert summary["forgotten"]["removed"] == [0, 3] and summary["train_samples"] == 38
     assert summary["relative_gradient_norm"] <= 1e-4
     assert summary["ridge"] == LQFModel.from_pretrained(trained / "model").config.ridge
+    # the forgotten model explains itself over the 38 images it was solved on; forgetting again is refused
+    code, out, err = run(capsys, "explain", "--model", str(tmp_path / "forgot" / "model"), str(PHOTOS / "camera.png"),
+                         "--output-dir", str(tmp_path / "why"))
+    assert code == 0, err
+    assert re.search(r"training_images\s+38\n", out)
+    [row] = json.loads((tmp_path / "why" / "explanations.json").read_text())
+    assert abs(row["unexplained"]) <= 1e-2 * abs(row["output"] - row["base"])  # exact without the forgotten two
+    code, _, err = run(capsys, "forget", "--model", str(tmp_path / "forgot" / "model"), "--remove", "1",
+                       "--output-dir", str(tmp_path / "again"))
+    assert code == 2 and "already forgotten" in err
 
 
 def test_explain_needs_the_record_of_the_training_images(tmp_path, capsys):
