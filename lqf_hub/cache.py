@@ -28,7 +28,7 @@ class TrunkCache(Dataset):
 
     def __init__(self, values: np.ndarray, labels: torch.Tensor, digests: torch.Tensor) -> None:
         self.values, self.labels, self.digests = values, labels, digests
-        self.fingerprint = hashlib.sha256(digests.numpy().tobytes()).hexdigest()
+        self.fingerprint = digests_fingerprint(digests)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,6 +78,11 @@ def content_digests(dataset: Dataset) -> torch.Tensor:
     uint8 (for splits that depend on the images, not their order, and to check a rebuilt training set)."""
     digests = [_item_digests(pixels, labels) for pixels, labels in DataLoader(dataset, batch_size=256, collate_fn=collate)]
     return torch.cat(digests) if digests else torch.empty(0, 32, dtype=torch.uint8)
+
+
+def digests_fingerprint(digests: torch.Tensor) -> str:
+    """The fingerprint of a training set from its items' digests ``[N, 32]``, in order: sha256 hex."""
+    return hashlib.sha256(digests.numpy().tobytes()).hexdigest()
 
 
 def _item_digests(pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -359,9 +359,7 @@ def _image_files(inputs: list[str]) -> list[Path]:
 def _training_images(model) -> tuple[Any, Any]:
     """The images ``model`` was solved on, rebuilt from its card's record, checked against its fingerprint,
     less any it forgot: ``(raw dataset, transformed dataset)``."""
-    import hashlib
-
-    from .cache import content_digests
+    from .cache import content_digests, digests_fingerprint
     from .data import load_image_dataset, sample_shots, split_validation, with_transform
 
     summary = model.training_summary or {}
@@ -376,7 +374,7 @@ def _training_images(model) -> tuple[Any, Any]:
     if source.get("shots"):
         raw = sample_shots(raw, source["shots"], seed=source["seed"])
     images = with_transform(raw, model.data_config)
-    if hashlib.sha256(content_digests(images).numpy().tobytes()).hexdigest() != source.get("fingerprint"):
+    if digests_fingerprint(content_digests(images)) != source.get("fingerprint"):
         raise CLIError(f"The training images rebuilt from {source['dataset']} ({source['split']}) are not the ones the "
                        "model was solved on (another dataset version or preprocessing); nothing was computed.")
     forgotten = set(summary.get("forgotten", {}).get("removed", []))
@@ -386,11 +384,12 @@ def _training_images(model) -> tuple[Any, Any]:
     return raw, images
 
 
-def _objective_arguments(model, output_dir: str, progress: bool = True):
+def _objective_arguments(model, output_dir: str):
+    """Training arguments that rebuild ``model``'s objective (its prior) from its card's record."""
     from .training_args import LQFTrainingArguments
 
     summary = model.training_summary
-    return LQFTrainingArguments(output_dir=output_dir, prior=summary["prior"], progress=progress,
+    return LQFTrainingArguments(output_dir=output_dir, prior=summary["prior"],
                                 damping=summary.get("damping", LQFTrainingArguments.damping),
                                 kfac_outputs=summary.get("kfac_outputs", LQFTrainingArguments.kfac_outputs))
 

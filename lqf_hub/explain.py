@@ -62,9 +62,9 @@ class Explainer:
         if not ridge > 0:
             raise ValueError(f"Attribution needs the model's λ > 0, got {ridge}.")
         self.model, self.data, self.metric, self.ridge = model, data, metric, ridge
-        delta = data.flat.flatten(dict(model.linearized_parameters))
+        self.fitted = data.outputs(data.flat.flatten(dict(model.linearized_parameters)))  # f_lin(x_i) [N, C]
         targets = model.config.target_scale * torch.nn.functional.one_hot(data.labels, model.num_classes)
-        self.residuals = targets.to(data.f0.dtype) - data.outputs(delta)  # r_i [N, C]
+        self.residuals = targets.to(self.fitted.dtype) - self.fitted  # r_i [N, C]
 
     def explain(self, trunk_output: Tensor) -> Explanation:
         """The split of one image's prediction: ``trunk_output [1, ...]`` (``model.encode_trunk`` of the image)."""
@@ -89,10 +89,10 @@ class Explainer:
     def label_margins(self) -> Tensor:
         """How much the other training images favour each image's own label: their prediction's output for
         the label minus its largest other output ``[N]``; the lowest are the likeliest mislabelled."""
-        data = self.data
-        others = data.outputs(data.flat.flatten(dict(self.model.linearized_parameters))) - self.self_influence()
-        own = others.gather(1, data.labels[:, None])[:, 0]
-        rest = others.scatter(1, data.labels[:, None], float("-inf")).max(1).values
+        labels = self.data.labels[:, None]
+        others = self.fitted - self.self_influence()
+        own = others.gather(1, labels)[:, 0]
+        rest = others.scatter(1, labels, float("-inf")).max(1).values
         return own - rest
 
     def _jacobian_rows(self, trunk_output: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -15,8 +15,8 @@ certified optimum.
    (``solve.solve``; from zero: warm starts from the path's solution or its Ritz vectors saved nothing measurable).
 
 A Krylov path on all the images cannot stand in for the folds: the subspace is fit to every image's label,
-and leave-one-out inside it (closed form on its tangents) gave a 24-image toy task a loss 5× lower than the
-refits without each image did.
+and leave-one-out inside it (closed form on its tangents) was far too optimistic against refits without
+each image (an ad-hoc check on a 24-image toy task, not kept: 5× lower loss).
 With the K-FAC prior, M is built from the data term's own curvature, so λ is on the same scale for every
 backbone and dataset (λ = 1: the prior weighs as much as the data).
 """
