@@ -15,8 +15,8 @@ choice held out 20% of the images per class (one path); since 2026-12-03 it is 5
     python benchmarks/defaults.py summary benchmarks/results/defaults_validation.jsonl \
         --report benchmarks/results/defaults_validation.md
 
-A variant is ``key=value[,key=value]`` over LQFConfig fields; the others keep the library's defaults
-(activation tangent, α = 15, head random).
+A variant is ``key=value[,key=value]`` over LQFConfig fields and the prior's settings (``prior``,
+``damping``); the others keep the library's defaults (activation tangent, α = 15, head random).
 (The recorded file holds what these reached in the time they had; the report gives n per cell.)
 Finished (dataset, shots, seed, variant) rows are skipped when ``--out`` already holds them.
 """
@@ -35,30 +35,34 @@ from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 
 WIDE_GRID = [1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1]
 CONFIG_KEYS = {"linearize", "activation", "target_scale", "head_init", "leaky_slope"}
+TRAINING_KEYS = {"prior", "damping"}
 DEPTHS = {f"linearize=last:{n}": f"last:{n}" for n in (1, 2, 3)}  # shallowest first
 
 
-def variant_settings(variant: str) -> dict:
-    """``"key=value,key=value"`` over ``CONFIG_KEYS``."""
-    settings = {}
+def variant_settings(variant: str) -> tuple[dict, dict]:
+    """``"key=value,key=value"`` over ``CONFIG_KEYS`` and ``TRAINING_KEYS``: (config, training) settings."""
+    config, training = {}, {}
     for part in variant.split(","):
         key, _, value = part.partition("=")
-        if key not in CONFIG_KEYS:
-            raise SystemExit(f"variant {variant!r}: {key!r} is not one of {sorted(CONFIG_KEYS)}")
-        settings[key] = float(value) if key in ("target_scale", "leaky_slope") else value
-    return settings
+        if key not in CONFIG_KEYS | TRAINING_KEYS:
+            raise SystemExit(f"variant {variant!r}: {key!r} is not one of {sorted(CONFIG_KEYS | TRAINING_KEYS)}")
+        target = training if key in TRAINING_KEYS else config
+        target[key] = float(value) if key in ("target_scale", "leaky_slope", "damping") else value
+    return config, training
 
 
-def score(dataset: str, shots: int, seed: int, variant: str) -> dict:
+def score(dataset: str, shots: int, seed: int, variant: str, image_size: int, grid: list[float]) -> dict:
     train = sample_shots(load_image_dataset(dataset, "train"), shots, seed=seed)
-    model = LQFModel.from_timm(DEFAULT_MODEL, 10, LQFConfig(**variant_settings(variant)))
-    model.set_image_size(DEFAULT_IMAGE_SIZE)
+    config, training = variant_settings(variant)
+    model = LQFModel.from_timm(DEFAULT_MODEL, 10, LQFConfig(**config))
+    model.set_image_size(image_size)
     with tempfile.TemporaryDirectory() as out:
-        training = LQFTrainingArguments(output_dir=out, seed=seed, progress=False, ridge_grid=WIDE_GRID)
+        training = LQFTrainingArguments(output_dir=out, seed=seed, progress=False, ridge_grid=grid, **training)
         trainer = LQFTrainer(model, with_transform(train, model.data_config), None, training)
         started = time.perf_counter()
         selection = trainer.select_ridge()
-    return {"dataset": dataset, "shots": shots, "seed": seed, "variant": variant, "chosen_ridge": selection.ridge,
+    return {"dataset": dataset, "shots": shots, "seed": seed, "variant": variant, "image_size": image_size,
+            "chosen_ridge": selection.ridge,
             "path_iterations": selection.iterations, "seconds": time.perf_counter() - started,
             "path": [vars(p) for p in selection.points]}
 
@@ -66,14 +70,15 @@ def score(dataset: str, shots: int, seed: int, variant: str) -> dict:
 def run(args) -> None:
     done = set()
     if args.out.exists():
-        done = {(r["dataset"], r["shots"], r["seed"], r["variant"]) for r in map(json.loads, args.out.open())}
+        done = {(r["dataset"], r["shots"], r["seed"], r["variant"], r.get("image_size", DEFAULT_IMAGE_SIZE))
+                for r in map(json.loads, args.out.open())}
     for dataset in args.datasets:
         for shots in args.shots:
             for seed in args.seeds:
                 for variant in args.variants:
-                    if (dataset, shots, seed, variant) in done:
+                    if (dataset, shots, seed, variant, args.image_size) in done:
                         continue
-                    row = score(dataset, shots, seed, variant)
+                    row = score(dataset, shots, seed, variant, args.image_size, args.grid)
                     print(json.dumps({k: v for k, v in row.items() if k != "path"}), flush=True)
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -168,6 +173,8 @@ def main(argv=None) -> None:
     one.add_argument("--shots", type=int, nargs="+", default=[10, 100])
     one.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     one.add_argument("--variants", nargs="+", required=True)
+    one.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    one.add_argument("--grid", type=float, nargs="+", default=WIDE_GRID, help="λ values (default: %(default)s)")
     one.add_argument("--out", type=Path, required=True)
     table = commands.add_parser("summary")
     table.add_argument("results", type=Path, nargs="+")
