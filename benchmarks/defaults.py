@@ -101,14 +101,16 @@ def summary(args) -> None:
     cells = defaultdict(list)
     for r in rows:
         cells[(r["variant"], r["dataset"], r["shots"])].append(r)
+    sizes = "/".join(str(n) for n in sorted({r.get("image_size", DEFAULT_IMAGE_SIZE) for r in rows}))
+    grid = sorted({p["ridge"] for r in rows for p in r["path"]}, reverse=True)
     lines = [
         "# Defaults chosen on validation data",
         "",
-        f"Made by `benchmarks/defaults.py` ({DEFAULT_MODEL}, {DEFAULT_IMAGE_SIZE} px; training images drawn as "
+        f"Made by `benchmarks/defaults.py` ({DEFAULT_MODEL}, {sizes} px; training images drawn as "
         "`lqf-hub train` draws them; scored by the solver's choice of λ of the time of the run — before 2026-12-03 "
         "20% of them per class held out, since then 5-fold cross-validation; **no test image is read**). Each "
         "cell: held-out accuracy % at the λ the one-standard-error rule picks from the grid "
-        f"{WIDE_GRID}, mean ± sd over seeds (n = seeds), then the mean held-out loss (MSE to α·one-hot; "
+        f"{grid}, mean ± sd over seeds (n = seeds), then the mean held-out loss (MSE to α·one-hot; "
         "comparable only between variants with the same α). Commands: the docstring of `benchmarks/defaults.py`.",
         "",
         "| variant | " + " | ".join(f"{d} {s}-shot" for d, s in tasks) + " |",
@@ -165,6 +167,18 @@ def _depth_rule(cells: dict, tasks: list) -> list[str]:
     return lines
 
 
+def paths(args) -> None:
+    """One line per row: the λ the rule chose, the λ of lowest held-out loss and that loss ± standard error,
+    path products and seconds; then the held-out loss / accuracy % at every λ of the row's grid."""
+    for r in (json.loads(line) for path in args.results for line in path.open()):
+        best = min(r["path"], key=lambda p: p["validation_loss"])
+        print(f"{r['dataset']} {r['shots']}-shot seed {r['seed']} {r['variant']}: chosen {r['chosen_ridge']:g}, "
+              f"best {best['ridge']:g} ({best['validation_loss']:.1f} ± {best['standard_error']:.1f}), "
+              f"{r['path_iterations']} products, {r['seconds']:.0f} s")
+        print("    " + " ".join(f"{p['ridge']:g}:{p['validation_loss']:.1f}/{100 * p['validation_accuracy']:.0f}"
+                                for p in r["path"]))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -179,8 +193,10 @@ def main(argv=None) -> None:
     table = commands.add_parser("summary")
     table.add_argument("results", type=Path, nargs="+")
     table.add_argument("--report", type=Path)
+    each = commands.add_parser("paths")
+    each.add_argument("results", type=Path, nargs="+")
     args = parser.parse_args(argv)
-    run(args) if args.command == "run" else summary(args)
+    {"run": run, "summary": summary, "paths": paths}[args.command](args)
 
 
 if __name__ == "__main__":
