@@ -1,7 +1,7 @@
 """Defaults chosen on validation data only: every setting scored on held-out training images.
 
 For each dataset, shot count and seed the training images are drawn as `lqf-hub train` draws them, and
-each setting is scored by the solver's own choice of λ (`LQFTrainer.select_ridge`): Krylov paths give the
+each setting is scored by the solver's own choice of λ (`LQFTrainer.select`): Krylov paths give the
 optimum at every λ of a wide grid, scored on images they did not see, and the one-standard-error rule
 picks λ as `lqf-hub train` does. The test split is never loaded. The recorded results were made when that
 choice held out 20% of the images per class (one path); since 2026-12-03 it is 5-fold cross-validation.
@@ -16,7 +16,9 @@ choice held out 20% of the images per class (one path); since 2026-12-03 it is 5
         --report benchmarks/results/defaults_validation.md
 
 A variant is ``key=value[,key=value]`` over LQFConfig fields and the prior's settings (``prior``,
-``damping``); the others keep the library's defaults (activation tangent, α = 15, head random).
+``damping``); the others keep the library's defaults (activation tangent, α = 15, head random; the prior
+``auto`` since 2026-12-04 — rows recorded before used the K-FAC prior, then the default: add ``prior=kfac`` to
+reproduce them).
 (The recorded file holds what these reached in the time they had; the report gives n per cell.)
 Finished (dataset, shots, seed, variant) rows are skipped when ``--out`` already holds them.
 """
@@ -60,9 +62,9 @@ def score(dataset: str, shots: int, seed: int, variant: str, image_size: int, gr
         training = LQFTrainingArguments(output_dir=out, seed=seed, progress=False, ridge_grid=grid, **training)
         trainer = LQFTrainer(model, with_transform(train, model.data_config), None, training)
         started = time.perf_counter()
-        selection = trainer.select_ridge()
+        selection = trainer.select()
     return {"dataset": dataset, "shots": shots, "seed": seed, "variant": variant, "image_size": image_size,
-            "chosen_ridge": selection.ridge,
+            "chosen_prior": selection.prior, "chosen_ridge": selection.ridge,
             "path_iterations": selection.iterations, "seconds": time.perf_counter() - started,
             "path": [vars(p) for p in selection.points]}
 

@@ -384,16 +384,6 @@ def _training_images(model) -> tuple[Any, Any]:
     return raw, images
 
 
-def _objective_arguments(model, output_dir: str):
-    """Training arguments that rebuild ``model``'s objective (its prior) from its card's record."""
-    from .training_args import LQFTrainingArguments
-
-    summary = model.training_summary
-    return LQFTrainingArguments(output_dir=output_dir, prior=summary["prior"],
-                                damping=summary.get("damping", LQFTrainingArguments.damping),
-                                kfac_outputs=summary.get("kfac_outputs", LQFTrainingArguments.kfac_outputs))
-
-
 def run_explain(args) -> dict[str, Any]:
     from PIL import Image
 
@@ -402,6 +392,7 @@ def run_explain(args) -> dict[str, Any]:
     from .files import atomic_write_text
     from .model import LQFModel
     from .train import LQFTrainer
+    from .training_args import LQFTrainingArguments, objective_settings
 
     model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
                                      revision=args.revision, token=args.token)
@@ -409,7 +400,8 @@ def run_explain(args) -> dict[str, Any]:
     raw, images = _training_images(model)
     output = Path(args.output_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        data, metric = LQFTrainer(model, images, None, _objective_arguments(model, tmp)).objective()
+        arguments = LQFTrainingArguments(output_dir=tmp, **objective_settings(model.training_summary))
+        data, metric = LQFTrainer(model, images, None, arguments).objective()
     explainer = Explainer(model, data, metric, model.config.ridge)
     transform, names = image_transform(model.data_config), model.config.id2label
     labels = [int(label) for label in data.labels]
@@ -437,6 +429,7 @@ def run_explain(args) -> dict[str, Any]:
 def run_forget(args) -> dict[str, Any]:
     from .forget import forget
     from .model import LQFModel
+    from .training_args import LQFTrainingArguments
 
     model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
                                      revision=args.revision, token=args.token)
@@ -448,7 +441,7 @@ def run_forget(args) -> dict[str, Any]:
     _, images = _training_images(model)
     output.mkdir(parents=True, exist_ok=True)
     (output / OUTPUT_MARKER).write_text("written by lqf-hub forget\n")
-    new, record = forget(model, images, args.remove, _objective_arguments(model, str(output)))
+    new, record = forget(model, images, args.remove, LQFTrainingArguments(output_dir=str(output)))
     return {"model": str(output / "model"), "removed": len(new.training_summary["forgotten"]["removed"]),
             "train_samples": new.training_summary["train_samples"], "ridge": record["ridge"],
             "relative_gradient_norm": record["relative_gradient_norm"],

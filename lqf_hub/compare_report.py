@@ -13,7 +13,7 @@ from pathlib import Path
 from .files import atomic_write_bytes, atomic_write_text
 
 BASELINE = "fine-tuning"
-ABLATIONS = ("lqf-relu", "lqf-leaky", "lqf-cross-entropy", "lqf-no-kfac")
+ABLATIONS = ("lqf-relu", "lqf-leaky", "lqf-cross-entropy", "lqf-no-kfac", "lqf-kfac-prior")
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[int, dict]]:
@@ -130,8 +130,8 @@ def markdown(settings, runs: list[dict], command: str | None = None) -> str:
         f"Test error % (mean ± sd over seeds {', '.join(map(str, seeds))}; the seed draws the training images; test "
         f"images: {test}, the same for every seed and method), the relative error against fine-tuning in brackets "
         "(error / fine-tuning's − 1, the paper's form) and the seconds to the final model, the choice on validation "
-        "included. Every hyperparameter was chosen on the training images only: λ of the solved LQF variants by "
-        "the solver's cross-validation over them, the others on a held-out part "
+        "included. Every hyperparameter was chosen on the training images only: the prior and λ of the solved LQF "
+        "variants by the solver's cross-validation over them, the others on a held-out part "
         f"({settings.validation_fraction:.0%} per class); the test images were read once per final model.", "",
         "| method | " + " | ".join(f"{s} shots" for s in shots) + " |",
         "|---|" + "---:|" * len(shots),

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from .model import LQFModel
 from .train import LQFTrainer
-from .training_args import LQFTrainingArguments
+from .training_args import LQFTrainingArguments, objective_settings
 
 
 def forget(
@@ -25,7 +25,7 @@ def forget(
 ) -> tuple[LQFModel, dict[str, Any]]:
     """The optimum of ``model``'s objective without the training images ``remove`` (indices into
     ``train_dataset``, the images the model was solved on), saved to ``args.output_dir/model``; ``model`` is
-    left as it is. Returns the new model and the solver's record (certificate, iterations, seconds)."""
+    left as it is. The objective (λ, prior, damping) is the model's; ``args`` gives the rest of the run. Returns the new model and the solver's record (certificate, iterations, seconds)."""
     removed = sorted(set(int(i) for i in remove))
     if not removed:
         raise ValueError("Nothing to forget: `remove` is empty.")
@@ -42,7 +42,8 @@ def forget(
     with tempfile.TemporaryDirectory() as copy:  # a checked copy; a deep copy would share the backbone's segments
         model.save_pretrained(copy)
         new = LQFModel.from_pretrained(copy)
-    args = dataclasses.replace(args, method="solve", ridge_grid=[model.config.ridge], warm_start=True)
+    args = dataclasses.replace(args, method="solve", ridge_grid=[model.config.ridge], warm_start=True,
+                               **objective_settings(model.training_summary))
     trainer = LQFTrainer(new, Subset(train_dataset, kept), None, args)
     record = trainer.train()[-1]
     source = {"train_data": model.training_summary["train_data"]} if "train_data" in model.training_summary else {}

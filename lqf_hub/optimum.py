@@ -6,12 +6,16 @@ certified optimum.
    one Lanczos run on the other folds gives the optimum for every λ of the grid (``solve.KrylovPath``),
    and each is scored on the fold's images by the objective's own loss: every image is scored once, by
    models that never saw it.
-2. The one-standard-error rule picks λ: the largest λ whose mean loss is within one standard error of the
-   best mean loss — the most regularised model that the images cannot tell from the best (Breiman et al.
-   1984; Hastie, Tibshirani & Friedman, Elements of Statistical Learning §7.10; glmnet's default,
-   ``lambda.1se``). Larger λ is also faster to certify. With folds every image votes: a single held-out
-   fifth scored 1–2 images per class at few shots, a standard error √5 times larger.
-3. Refit on all training images at that λ by conjugate gradients until the certificate holds
+   With several priors (``prior="auto"``: the K-FAC prior and the isotropic ridge) every fold runs one path
+   per prior on the same images.
+2. The prior whose path reaches the lowest mean loss is kept (on validation data neither won everywhere:
+   ``benchmarks/results/prior_validation.md``). Within its path the one-standard-error rule picks λ: the
+   largest λ whose mean loss is within one standard error of the best mean loss — the most regularised
+   model that the images cannot tell from the best (Breiman et al. 1984; Hastie, Tibshirani & Friedman,
+   Elements of Statistical Learning §7.10; glmnet's default, ``lambda.1se``). Larger λ is also faster to
+   certify. With folds every image votes: a single held-out fifth scored 1–2 images per class at few
+   shots, a standard error √5 times larger.
+3. Refit on all training images with that prior and λ by conjugate gradients until the certificate holds
    (``solve.solve``; from zero: warm starts from the path's solution or its Ritz vectors saved nothing measurable).
 
 A Krylov path on all the images cannot stand in for the folds: the subspace is fit to every image's label,
@@ -52,12 +56,27 @@ class PathPoint:
 
 @dataclass
 class Selection:
+    prior: str  # the chosen prior's kind ("kfac" or "isotropic")
     ridge: float
-    points: list[PathPoint]
+    paths: dict[str, list[PathPoint]]  # every prior's path, by kind
     iterations: int  # products with G spent on the paths
 
+    @property
+    def points(self) -> list[PathPoint]:
+        """The chosen prior's path."""
+        return self.paths[self.prior]
+
     def to_dict(self) -> dict:
-        return {"ridge": self.ridge, "iterations": self.iterations, "path": [asdict(p) for p in self.points]}
+        return {"prior": self.prior, "ridge": self.ridge, "iterations": self.iterations,
+                "paths": {kind: [asdict(p) for p in points] for kind, points in self.paths.items()}}
+
+
+def choose(paths: dict[str, list[PathPoint]]) -> tuple[str, float]:
+    """The rule: the prior whose path has the lowest mean loss, then on its path the largest λ within one
+    standard error of that loss. Returns (prior, λ)."""
+    prior = min(paths, key=lambda kind: min(p.validation_loss for p in paths[kind]))
+    best = min(paths[prior], key=lambda p: p.validation_loss)
+    return prior, max(p.ridge for p in paths[prior] if p.validation_loss <= best.validation_loss + best.standard_error)
 
 
 def stratified_folds(labels: Tensor, keys: Tensor, folds: int, seed: int) -> Tensor:
@@ -78,37 +97,41 @@ def stratified_folds(labels: Tensor, keys: Tensor, folds: int, seed: int) -> Ten
     return assignment
 
 
-def select_ridge(
-    make_data: Callable[[Tensor], DataTerm], labels: Tensor, keys: Tensor, metric: PriorMetric,
+def select(
+    make_data: Callable[[Tensor], DataTerm], labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
     ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool,
 ) -> Selection:
-    """Choose λ by ``folds``-fold cross-validation (at most one fold per image): ``make_data(indices) ->
-    DataTerm`` over those images; ``keys`` identify the images (see :func:`stratified_folds`)."""
+    """Choose the prior among ``metrics`` and λ among ``ridges`` by ``folds``-fold cross-validation (at most
+    one fold per image): ``make_data(indices) -> DataTerm`` over those images; ``keys`` identify the images
+    (see :func:`stratified_folds`)."""
     if len(labels) < 2:
-        raise ValueError("Choosing λ needs at least 2 training images; pass one value in `ridge_grid` instead.")
+        raise ValueError("Choosing λ or the prior needs at least 2 training images; pass one value in "
+                         "`ridge_grid` and prior='kfac' or 'isotropic' instead.")
     folds = min(folds, len(labels))
     assignment = stratified_folds(labels, keys, folds, seed)  # every fold holds images: the deal is balanced
     ridges = sorted(ridges, reverse=True)
-    sums = {r: torch.zeros(3, dtype=torch.float64) for r in ridges}  # Σ loss, Σ loss², Σ correct
-    residuals = dict.fromkeys(ridges, 0.0)
+    candidates = [(metric, ridge) for metric in metrics for ridge in ridges]
+    sums = {(m.kind, r): torch.zeros(3, dtype=torch.float64) for m, r in candidates}  # Σ loss, Σ loss², Σ correct
+    residuals = dict.fromkeys(sums, 0.0)
     iterations = 0
     for fold in range(folds):
         held = make_data((assignment == fold).nonzero().flatten())
-        path = KrylovPath(make_data((assignment != fold).nonzero().flatten()), metric, ridges,
-                          tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations, progress=progress,
-                          description=f"λ path, fold {fold + 1}/{folds}")
-        iterations += path.iterations
-        for ridge in ridges:
-            losses, correct = held.sample_scores(path.solution(ridge))
-            local = torch.stack([losses.sum(), losses.square().sum(), correct.double().sum()])
-            sums[ridge] += held.reduce_sum(local).cpu()
-            residuals[ridge] = max(residuals[ridge], path.residual(ridge))
+        fit = make_data((assignment != fold).nonzero().flatten())
+        for metric in metrics:
+            path = KrylovPath(fit, metric, ridges, tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations,
+                              progress=progress, description=f"λ path, {metric.kind} prior, fold {fold + 1}/{folds}")
+            iterations += path.iterations
+            for ridge in ridges:
+                losses, correct = held.sample_scores(path.solution(ridge))
+                local = torch.stack([losses.sum(), losses.square().sum(), correct.double().sum()])
+                sums[metric.kind, ridge] += held.reduce_sum(local).cpu()
+                residuals[metric.kind, ridge] = max(residuals[metric.kind, ridge], path.residual(ridge))
     n = len(labels)
-    points = [PathPoint(r, float(sums[r][2]) / n, float(sums[r][0]) / n,
-                        _standard_error(float(sums[r][0]), float(sums[r][1]), n), residuals[r]) for r in ridges]
-    best = min(points, key=lambda p: p.validation_loss)
-    chosen = max(p.ridge for p in points if p.validation_loss <= best.validation_loss + best.standard_error)
-    return Selection(chosen, points, iterations)
+    paths = {m.kind: [PathPoint(r, float(sums[m.kind, r][2]) / n, float(sums[m.kind, r][0]) / n,
+                                _standard_error(float(sums[m.kind, r][0]), float(sums[m.kind, r][1]), n),
+                                residuals[m.kind, r]) for r in ridges] for m in metrics}
+    prior, ridge = choose(paths)
+    return Selection(prior, ridge, paths, iterations)
 
 
 def _standard_error(total: float, total_of_squares: float, n: int) -> float:
@@ -117,8 +140,8 @@ def _standard_error(total: float, total_of_squares: float, n: int) -> float:
     return math.sqrt(variance / n)
 
 
-def plot_path(points: list[PathPoint], chosen: float, path: Path) -> None:
-    """Validation accuracy and loss against λ as a PNG (written atomically)."""
+def plot_path(selection: Selection, path: Path) -> None:
+    """Cross-validated accuracy and loss against λ, one line per prior, as a PNG (written atomically)."""
     import io
 
     import matplotlib
@@ -128,18 +151,20 @@ def plot_path(points: list[PathPoint], chosen: float, path: Path) -> None:
 
     from .files import atomic_write_bytes
 
-    ridges = [p.ridge for p in points]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_acc.plot(ridges, [100 * p.validation_accuracy for p in points], "o-")
-    ax_loss.errorbar(ridges, [p.validation_loss for p in points], yerr=[p.standard_error for p in points], fmt="o-",
-                     color="C1", capsize=3)
+    for kind, points in selection.paths.items():
+        ridges = [p.ridge for p in points]
+        label = f"{kind} prior" + (" (chosen)" if kind == selection.prior else "")
+        ax_acc.plot(ridges, [100 * p.validation_accuracy for p in points], "o-", label=label)
+        ax_loss.errorbar(ridges, [p.validation_loss for p in points], yerr=[p.standard_error for p in points],
+                         fmt="o-", capsize=3, label=label)
     for axis in (ax_acc, ax_loss):
-        axis.axvline(chosen, color="grey", linestyle="--", label=f"chosen λ = {chosen:.3g}")
+        axis.axvline(selection.ridge, color="grey", linestyle="--", label=f"chosen λ = {selection.ridge:.3g}")
         axis.set_xscale("log")
         axis.set_xlabel("λ")
     ax_acc.set(ylabel="validation accuracy (%)", title="accuracy on held-out training images")
     ax_loss.set(ylabel="validation loss (MSE to α·one-hot)", title="loss ± standard error (the rule)")
-    ax_acc.legend()
+    ax_loss.legend(fontsize="small")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

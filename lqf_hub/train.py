@@ -1,6 +1,6 @@
 """Training LQF models with Accelerate: one CPU to many GPUs (``accelerate launch``).
 
-Two methods: the certified optimum of the LQF objective with λ chosen by cross-validation over the training images
+Two methods: the certified optimum of the LQF objective with its prior and λ chosen by cross-validation over the training images
 (``method="solve"``, ``solve.py`` and ``optimum.py``; the default), or the paper's early-stopped loop
 (``method="sgd"``, ``sgd.py``). The frozen trunk's outputs are computed once and cached when the data is not
 augmented (``cache.py``), so each pass costs only the linearized tail. Every process takes its slice of the
@@ -28,7 +28,7 @@ from .files import atomic_write_text
 from .kfac import KFAC
 from .loss import data_loss
 from .model import LQFModel
-from .optimum import Selection, plot_path, select_ridge
+from .optimum import Selection, plot_path, select
 from .sgd import SGDLoop
 from .solve import DataTerm, Flat, PriorMetric, solve
 from .training_args import KFACOutputs, LQFTrainingArguments, Method, Prior
@@ -111,34 +111,35 @@ class LQFTrainer:
 
     def _solve(self, train_data: TrunkCache, eval_data: Dataset | None, settings: str, data: str,
                saved: dict[str, torch.Tensor], resumed: TrainerState | None) -> None:
-        """The certified optimum: λ from Krylov paths scored by cross-validation, then the refit."""
+        """The certified optimum: the prior and λ from Krylov paths scored by cross-validation, then the refit."""
         args, acc, model = self.args, self.accelerator, self.model
         started = time.perf_counter()
         progress = args.progress and acc.is_main_process
         everything = self._data_term(train_data, None)
-        metric = self._prior(everything, saved)
-        flat = metric.flat
+        metrics = self._priors(everything, saved, self._prior_kinds(args.prior))
         selection = resumed.selection if resumed is not None else None
         if selection is None:
-            if len(args.ridge_grid) == 1:
-                selection = {"ridge": args.ridge_grid[0], "iterations": 0, "path": []}
+            if len(metrics) == 1 and len(args.ridge_grid) == 1:
+                selection = {"prior": args.prior, "ridge": args.ridge_grid[0], "iterations": 0, "paths": {}}
             else:
-                found = self._select_ridge(train_data, metric)
+                found = self._select(train_data, list(metrics.values()))
                 selection = found.to_dict()
                 if acc.is_main_process:
-                    plot_path(found.points, found.ridge, self.output_dir / "path.png")
-            tensors = {f"kfac/{k}": v for k, v in metric.kfac.state_dict().items()} if metric.kfac is not None else {}
+                    plot_path(found, self.output_dir / "path.png")
+            kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else None
+            tensors = {f"kfac/{k}": v for k, v in kfac.state_dict().items()} if kfac is not None else {}
             self._checkpoint("selection", TrainerState(0, 0, None, settings, data, [], selection), tensors)
         self.selection = selection
-        start = flat.flatten(dict(model.linearized_parameters)) if args.warm_start else None
+        metric = metrics[selection.get("prior", args.prior)]  # selections saved before priors were chosen lack it
+        start = metric.flat.flatten(dict(model.linearized_parameters)) if args.warm_start else None
         delta, certificate = solve(everything, metric, selection["ridge"], tolerance=args.tolerance,
                                    max_iterations=args.max_iterations, start=start, progress=progress)
         with torch.no_grad():
-            for name, part in flat.unflatten(delta).items():
+            for name, part in metric.flat.unflatten(delta).items():
                 model.linearized_parameters[name].copy_(part)
         model.config.ridge = selection["ridge"]
         self._start_log()
-        record = {"method": Method.SOLVE.value, "prior": args.prior, "ridge": selection["ridge"],
+        record = {"method": Method.SOLVE.value, "prior": metric.kind, "ridge": selection["ridge"],
                   "path_iterations": selection["iterations"], "train_loss": certificate.objective,
                   **{k: v for k, v in certificate.to_dict().items() if k not in ("ridge", "prior", "objective")},
                   "seconds": time.perf_counter() - started}
@@ -146,27 +147,39 @@ class LQFTrainer:
             record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
         self._log(record)
 
-    def select_ridge(self) -> Selection:
-        """Only the choice of λ: the regularisation paths over ``ridge_grid``, scored by cross-validation over
-        the training images (no refit, nothing written). For studies of settings on validation data."""
-        return self._select_ridge(self.inputs("train"), self.objective()[1])
+    def select(self) -> Selection:
+        """Only the choice of the prior and λ: the regularisation paths over ``ridge_grid``, scored by
+        cross-validation over the training images (no refit, nothing written). For studies of settings on
+        validation data."""
+        train_data = self.inputs("train")
+        metrics = self._priors(self._data_term(train_data, None), {}, self._prior_kinds(self.args.prior))
+        return self._select(train_data, list(metrics.values()))
 
     def objective(self) -> tuple[DataTerm, PriorMetric]:
         """The data term over all training images and the prior's metric: the objective 'solve' minimises (at
         the model's λ), rebuilt from the training set — for attribution (``explain.Explainer``)."""
+        prior = self.selection["prior"] if self.selection is not None else self.args.prior
+        if prior == Prior.AUTO.value:
+            raise ValueError("With prior='auto' the objective is known once train() has chosen the prior; "
+                             "train first, or pass the model's prior ('kfac' or 'isotropic').")
         data = self._data_term(self.inputs("train"), None)
-        return data, self._prior(data, {})
+        return data, self._priors(data, {}, [prior])[prior]
 
-    def _select_ridge(self, train_data: TrunkCache, metric: PriorMetric) -> Selection:
+    def _select(self, train_data: TrunkCache, metrics: list[PriorMetric]) -> Selection:
         args = self.args
-        return select_ridge(lambda rows: self._data_term(train_data, rows), train_data.labels, train_data.digests,
-                            metric, args.ridge_grid, folds=args.validation_folds, seed=args.seed,
-                            max_iterations=args.max_iterations,
-                            progress=args.progress and self.accelerator.is_main_process)
+        return select(lambda rows: self._data_term(train_data, rows), train_data.labels, train_data.digests,
+                      metrics, args.ridge_grid, folds=args.validation_folds, seed=args.seed,
+                      max_iterations=args.max_iterations, progress=args.progress and self.accelerator.is_main_process)
 
-    def _prior(self, data: DataTerm, saved: dict[str, torch.Tensor]) -> PriorMetric:
-        kfac = self._prior_curvature(data, saved) if self.args.prior == Prior.KFAC.value else None
-        return PriorMetric(Flat(self.model.linearization_point), kfac)
+    @staticmethod
+    def _prior_kinds(prior: str) -> list[str]:
+        return [Prior.KFAC.value, Prior.ISOTROPIC.value] if prior == Prior.AUTO.value else [prior]
+
+    def _priors(self, data: DataTerm, saved: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, PriorMetric]:
+        """The metric of each prior in ``kinds``, by kind (K-FAC computed once, or restored from ``saved``)."""
+        kfac = self._prior_curvature(data, saved) if Prior.KFAC.value in kinds else None
+        flat = Flat(self.model.linearization_point)
+        return {kind: PriorMetric(flat, kfac if kind == Prior.KFAC.value else None) for kind in kinds}
 
     def _finish(self) -> None:
         """Curves, the model with its training summary, the Hub."""
@@ -191,8 +204,9 @@ class LQFTrainer:
             summary.update({k: final[k] for k in ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound",
                                                   "iterations", "path_iterations")})
             summary.update(damping=args.damping, kfac_outputs=args.kfac_outputs)  # the rest of the objective
-            summary["ridge_selection"] = (f"{args.validation_folds}-fold cross-validation over the training images"
-                                          if len(args.ridge_grid) > 1 else "fixed")
+            chosen_by = f"{args.validation_folds}-fold cross-validation over the training images"
+            summary["ridge_selection"] = chosen_by if len(args.ridge_grid) > 1 else "fixed"
+            summary["prior_selection"] = chosen_by if args.prior == Prior.AUTO.value else "fixed"
         else:
             summary.update({"epochs": final["epoch"], "learning_rate": final["learning_rate"]})
         if self.train_source is not None:

@@ -5,7 +5,7 @@ import enum
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import _choice
 from .loss import Loss
@@ -20,6 +20,7 @@ class Method(str, enum.Enum):
 
 
 class Prior(str, enum.Enum):
+    AUTO = "auto"  # both below, the one of lower cross-validated loss kept
     KFAC = "kfac"  # (λ/2) δᵀMδ with M the damped K-FAC curvature at w0
     ISOTROPIC = "isotropic"  # (λ/2) ‖δ‖²
 
@@ -63,18 +64,19 @@ class LQFTrainingArguments:
                   "choices": Method},
     )
     prior: str = field(
-        default="kfac",
+        default="auto",
         metadata={"help": "Shape of the ridge (λ/2)δᵀMδ of 'solve': 'kfac' (M: K-FAC curvature at w0 with "
-                          "--damping) or 'isotropic' (M = I).", "choices": Prior},
+                          "--damping), 'isotropic' (M = I), or 'auto': the one of lower cross-validated loss, "
+                          "chosen with λ.", "choices": Prior},
     )
     ridge_grid: list[float] = field(
         default_factory=lambda: [1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1],
-        metadata={"help": "λ values 'solve' chooses from by cross-validation (one value: no choice). With the "
-                          "K-FAC prior λ = 1 weighs the prior as much as the data."},
+        metadata={"help": "λ values 'solve' chooses from by cross-validation (one value: no choice of λ). With "
+                          "the K-FAC prior λ = 1 weighs the prior as much as the data."},
     )
     validation_folds: int = field(
-        default=5, metadata={"help": "Folds of the cross-validation that chooses λ (one Krylov path each; at most "
-                                     "one per training image)."}
+        default=5, metadata={"help": "Folds of the cross-validation that chooses λ and the prior (one Krylov path "
+                                     "per fold and prior; at most one fold per training image)."}
     )
     tolerance: float = field(
         default=1e-4, metadata={"help": "'solve' stops when the relative gradient norm is below this."}
@@ -149,7 +151,7 @@ class LQFTrainingArguments:
             raise ValueError(f"`validation_folds` must be >= 2, got {self.validation_folds}.")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"`tolerance` must be in (0, 1), got {self.tolerance}.")
-        if self.method == Method.SOLVE.value and self.prior == Prior.KFAC.value and not self.damping > 0:
+        if self.method == Method.SOLVE.value and self.prior != Prior.ISOTROPIC.value and not self.damping > 0:
             raise ValueError("The K-FAC prior needs `damping` > 0 (its metric would be singular).")
 
     def settings_fingerprint(self, model: "LQFModel") -> str:
@@ -163,3 +165,14 @@ class LQFTrainingArguments:
         config = {k: v for k, v in model.config.to_dict().items() if k != "id2label"}
         blob = json.dumps({"args": kept, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def objective_settings(training_summary: dict[str, Any]) -> dict[str, Any]:
+    """The training arguments that, with its λ, define a solved model's objective — its prior, damping and
+    K-FAC outputs — read from its training summary (the card's record)."""
+    if training_summary.get("prior") not in (Prior.KFAC.value, Prior.ISOTROPIC.value):
+        raise ValueError("The model's card does not record the prior it was solved with: only models trained "
+                         "with method='solve' can be explained or made to forget.")
+    return {"prior": training_summary["prior"],
+            "damping": training_summary.get("damping", LQFTrainingArguments.damping),
+            "kfac_outputs": training_summary.get("kfac_outputs", LQFTrainingArguments.kfac_outputs)}

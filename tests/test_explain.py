@@ -93,23 +93,27 @@ def test_forgetting_equals_retraining_without_the_images(tmp_path):
     images = toy_images(20, seed=3)
     args = dict(method="solve", ridge_grid=[0.05], tolerance=1e-9, progress=False)
     model = toy_model()
-    LQFTrainer(model, images, None, LQFTrainingArguments(output_dir=str(tmp_path / "full"), **args)).train()
+    LQFTrainer(model, images, None, LQFTrainingArguments(output_dir=str(tmp_path / "full"), prior="kfac", **args)).train()
     before = deltas(model).clone()
-    new, record = forget(model, images, [11, 2, 5, 2], LQFTrainingArguments(output_dir=str(tmp_path / "forgot"), **args))
+    other = LQFTrainingArguments(output_dir=str(tmp_path / "forgot"), prior="isotropic", **args)  # the model's prior wins
+    new, record = forget(model, images, [11, 2, 5, 2], other)
     assert torch.equal(deltas(model), before)  # the original is left as it was
     kept = [image for i, image in enumerate(images) if i not in (2, 5, 11)]
     scratch = toy_model()
-    from_zero = LQFTrainer(scratch, kept, None, LQFTrainingArguments(output_dir=str(tmp_path / "scratch"), **args)).train()[-1]
+    scratch_args = LQFTrainingArguments(output_dir=str(tmp_path / "scratch"), prior="kfac", **args)
+    from_zero = LQFTrainer(scratch, kept, None, scratch_args).train()[-1]
     assert (deltas(new) - deltas(scratch)).norm() <= 1e-6 * deltas(scratch).norm()
     assert not torch.allclose(deltas(new), before)  # the images mattered
     assert record["iterations"] < from_zero["iterations"]  # the warm start saves products
     saved = LQFModel.from_pretrained(tmp_path / "forgot" / "model")
     assert saved.training_summary["forgotten"]["removed"] == [2, 5, 11]
     assert saved.training_summary["train_samples"] == 17 and saved.training_summary["relative_gradient_norm"] <= 1e-9
+    assert saved.training_summary["prior"] == record["prior"] == "kfac"
     assert "2, 5, 11" in (tmp_path / "forgot" / "model" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("remove, message", [([], "empty"), ([20], "outside"), (list(range(20)), "every training image")])
+@pytest.mark.parametrize("remove, message", [([], "empty"), ([20], "outside"), (list(range(20)), "every training image"),
+                                             ([3], "does not record the prior")])
 def test_forget_refuses_what_it_cannot_do(tmp_path, remove, message):
     model = toy_model()
     model.config.ridge = 0.1

@@ -12,7 +12,7 @@ from test_train import NUM_CLASSES, closed_form, deltas, toy_images, toy_model
 from lqf_hub import CheckpointError, LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub import optimum
 from lqf_hub.solve import DataTerm, Flat
-from lqf_hub.optimum import _standard_error, select_ridge, stratified_folds
+from lqf_hub.optimum import PathPoint, _standard_error, choose, select, stratified_folds
 
 
 def solve(model, data, tmp_path, name="run", eval_data=None, **args):
@@ -31,22 +31,42 @@ def test_fixed_ridge_reaches_the_closed_form(tmp_path):
     assert record["relative_gradient_norm"] <= 1e-11 and record["suboptimality_bound"] >= 0
 
 
-def test_ridge_is_chosen_by_cross_validation_and_reported(tmp_path):
+def test_prior_and_ridge_are_chosen_by_cross_validation_and_reported(tmp_path):
     data, test = toy_images(30, seed=3), toy_images(9, seed=4)
     model = toy_model(torch.float32)
     record = solve(model, data, tmp_path, eval_data=test, ridge_grid=[1.0, 0.1, 0.01, 0.001], dataset_name="toy")
     state = json.loads((tmp_path / "run" / "checkpoints" / "selection" / "trainer_state.json").read_text())
-    path = state["selection"]["path"]
-    assert [p["ridge"] for p in path] == [1.0, 0.1, 0.01, 0.001]
-    best = min(path, key=lambda p: p["validation_loss"])  # the one-standard-error rule
-    chosen = max(p["ridge"] for p in path if p["validation_loss"] <= best["validation_loss"] + best["standard_error"])
-    assert record["ridge"] == chosen == state["selection"]["ridge"]
+    paths = state["selection"]["paths"]
+    assert sorted(paths) == ["isotropic", "kfac"]
+    assert all([p["ridge"] for p in path] == [1.0, 0.1, 0.01, 0.001] for path in paths.values())
+    assert paths["kfac"] != paths["isotropic"]  # two objectives, scored on the same folds
+    prior = min(paths, key=lambda kind: min(p["validation_loss"] for p in paths[kind]))  # the rule, by hand
+    best = min(paths[prior], key=lambda p: p["validation_loss"])
+    chosen = max(p["ridge"] for p in paths[prior] if p["validation_loss"] <= best["validation_loss"] + best["standard_error"])
+    assert (record["prior"], record["ridge"]) == (prior, chosen) == (state["selection"]["prior"], state["selection"]["ridge"])
     assert (tmp_path / "run" / "path.png").read_bytes()[:4] == b"\x89PNG"
     assert record["relative_gradient_norm"] <= 1e-4
     saved = LQFModel.from_pretrained(tmp_path / "run" / "model")
-    assert saved.config.ridge == record["ridge"] and saved.training_summary["prior"] == "kfac"
+    assert saved.config.ridge == record["ridge"] and saved.training_summary["prior"] == prior
+    assert saved.training_summary["prior_selection"].startswith("5-fold cross-validation")
     card = ModelCard.load(tmp_path / "run" / "model" / "README.md").text
-    assert "suboptimality_bound" in card and "relative_gradient_norm" in card
+    assert "suboptimality_bound" in card and "relative_gradient_norm" in card and "prior_selection" in card
+
+
+def test_a_fixed_prior_runs_one_path_per_fold(tmp_path):
+    record = solve(toy_model(torch.float32), toy_images(30, seed=3), tmp_path, prior="isotropic", ridge_grid=[1.0, 0.1])
+    state = json.loads((tmp_path / "run" / "checkpoints" / "selection" / "trainer_state.json").read_text())
+    assert list(state["selection"]["paths"]) == ["isotropic"] and record["prior"] == "isotropic"
+
+
+def test_the_rule_takes_the_prior_of_lowest_loss_then_the_largest_ridge_within_one_standard_error():
+    def path(*losses):
+        return [PathPoint(ridge, 0.5, loss, 1.0, 0.0) for ridge, loss in zip([100.0, 10.0, 1.0], losses)]
+
+    # kfac's best (4.5) is within one error of isotropic's (4.0) but isotropic has the lowest loss: isotropic, and on
+    # its path λ = 10 (4.9 ≤ 4.0 + 1) rather than λ = 100 (5.1)
+    assert choose({"kfac": path(9.0, 6.0, 4.5), "isotropic": path(5.1, 4.9, 4.0)}) == ("isotropic", 10.0)
+    assert choose({"kfac": path(3.0, 3.5, 3.9), "isotropic": path(5.1, 4.9, 4.0)}) == ("kfac", 100.0)
 
 
 def test_resume_after_the_selection_gives_the_same_optimum(tmp_path):
@@ -83,8 +103,8 @@ def test_cross_validation_scores_are_the_refits_without_each_fold(monkeypatch):
     keys = _keys(len(labels))
     metric = metric_of("kfac", model, z, Flat(model.linearization_point))
     ridges = [10.0, 0.1, 1e-3]
-    selection = select_ridge(lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=5), labels,
-                             keys, metric, ridges, folds=3, seed=0, max_iterations=40, progress=False)
+    selection = select(lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=5), labels,
+                       keys, [metric], ridges, folds=3, seed=0, max_iterations=40, progress=False)
     folds = stratified_folds(labels, keys, 3, seed=0)
     rows = folds.repeat_interleave(NUM_CLASSES)  # the fold of each row of J
     losses_of = {}
@@ -117,9 +137,18 @@ def test_standard_error_is_the_textbook_one():
     assert _standard_error(values.sum(), values.square().sum(), 5) == pytest.approx(expected, rel=1e-12)
 
 
-def test_select_ridge_alone_scores_the_grid_and_writes_nothing(tmp_path):
+def test_select_alone_scores_the_grid_and_writes_nothing(tmp_path):
     args = LQFTrainingArguments(method="solve", progress=False, output_dir=str(tmp_path / "out"), ridge_grid=[1.0, 0.1])
-    selection = LQFTrainer(toy_model(torch.float32), toy_images(30, seed=3), None, args).select_ridge()
-    assert [p.ridge for p in selection.points] == [1.0, 0.1] and selection.ridge in (1.0, 0.1)
+    selection = LQFTrainer(toy_model(torch.float32), toy_images(30, seed=3), None, args).select()
+    assert sorted(selection.paths) == ["isotropic", "kfac"] and selection.points == selection.paths[selection.prior]
+    assert all([p.ridge for p in points] == [1.0, 0.1] for points in selection.paths.values())
+    assert selection.ridge in (1.0, 0.1)
     assert all(0 <= p.validation_accuracy <= 1 and p.standard_error > 0 for p in selection.points)
     assert not (tmp_path / "out").exists()
+
+
+def test_objective_needs_a_chosen_prior(tmp_path):
+    trainer = LQFTrainer(toy_model(), toy_images(6, seed=1), None,
+                         LQFTrainingArguments(method="solve", progress=False, output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="train first"):
+        trainer.objective()
