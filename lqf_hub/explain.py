@@ -9,6 +9,11 @@ exactly over the training images (a representer theorem):
 — a C×C kernel block between x and x_i times x_i's residual. At a certified δ rather than δ* the split
 misses ``J(x) M⁻¹ ∇L(δ) / λ`` (:attr:`Explanation.gap`), which vanishes with the certificate's gradient.
 
+Removing training images S (λ kept) moves the optimum by exactly ``(1/(N−s)) H_S⁻¹ Σ_{j∈S} (λMδ* − J_jᵀ r_j)``,
+with ``H_S`` the Hessian without them: one Newton step, exact because L is quadratic. With the full Hessian
+``H = G + λM`` in place of ``H_S`` (a rank-Cs change of size s/N) it is the first-order prediction, linear in
+the removed images: :class:`RemovalEffects`.
+
 For one image, C backward passes give ``M⁻¹ J(x)ᵀ e_c`` and C forward-mode passes over the training set
 give every ``J_i M⁻¹ J(x)ᵀ e_c``: exact, at the cost of C passes over the training data per image. A
 training image's share of its own prediction, ``c_i(x_i)``, needs only its own C backward passes; what the
@@ -23,7 +28,7 @@ from torch import Tensor
 
 from .linearize import linearized
 from .model import LQFModel
-from .solve import DataTerm, PriorMetric
+from .solve import DataTerm, PriorMetric, inverse_hessian_product
 
 
 @dataclass
@@ -51,6 +56,23 @@ class Explanation:
         return indices, values
 
 
+@dataclass
+class RemovalEffects:
+    """What removing training images does to the outputs on T images, to first order.
+
+    ``effects [N, T, C]``: ``J(x_t) H⁻¹ (λMδ* − J_jᵀ r_j)`` for every training image j.
+    """
+
+    effects: Tensor
+
+    def predicted_change(self, removed: list[int]) -> Tensor:
+        """The change of the T images' outputs ``[T, C]`` when the images ``removed`` are left out and the
+        objective (same λ, mean over the N − s others) is solved again."""
+        if not removed:
+            raise ValueError("`removed` is empty: nothing is left out.")
+        return self.effects[removed].sum(0) / (len(self.effects) - len(removed))
+
+
 class Explainer:
     """Splits an LQF model's predictions over the training images it was solved on.
 
@@ -75,6 +97,24 @@ class Explainer:
         with torch.no_grad():
             output = self.model(trunk_output=trunk_output)[0]
         return Explanation(base, output, contributions)
+
+    def removal_effects(self, trunk_outputs: Tensor, *, tolerance: float = 1e-6) -> RemovalEffects:
+        """First-order effects of removing each training image on the outputs of ``trunk_outputs [T, ...]``:
+        C solves with the Hessian (conjugate gradients to ``tolerance``) and C forward-mode passes over the
+        training images per image."""
+        data, metric = self.data, self.metric
+        delta = data.flat.flatten(dict(self.model.linearized_parameters))
+        prior_pull = self.ridge * metric.power(delta, -1.0)  # λMδ*: what every training image shares
+        effects = []
+        for z in trunk_outputs.split(1):
+            gradients = self._jacobian_rows(z)[1]  # J(x) [C, P]
+            per_class = []
+            for gradient in gradients:
+                u = inverse_hessian_product(data, metric, self.ridge, gradient, tolerance=tolerance)  # H⁻¹J(x)ᵀe_c
+                along = ((data.outputs(u) - data.f0) * self.residuals).sum(-1)  # (J_j u)·r_j  [N]
+                per_class.append(torch.dot(u, prior_pull) - along)
+            effects.append(torch.stack(per_class, dim=-1))  # [N, C]
+        return RemovalEffects(torch.stack(effects, dim=1))
 
     def self_influence(self) -> Tensor:
         """Every training image's share of its own prediction, ``c_i(x_i)`` ``[N, C]``. The other images

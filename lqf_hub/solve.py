@@ -236,13 +236,15 @@ class Certificate:
         return asdict(self)
 
 
-def certify(data: DataTerm, metric: PriorMetric, ridge: float, delta: Tensor, iterations: int = 0) -> tuple[Certificate, Tensor]:
-    """The certificate of ``delta`` and the gradient ``∇L(δ) [P]`` (one product with G)."""
-    product = data.gauss_newton(delta)
+def certify(data: DataTerm, metric: PriorMetric, ridge: float, delta: Tensor, iterations: int = 0,
+            product: Tensor | None = None) -> tuple[Certificate, Tensor]:
+    """The certificate of ``delta`` and the gradient ``∇L(δ) [P]``, from ``product = G·δ`` (default: one
+    fresh product with G)."""
+    product = data.gauss_newton(delta) if product is None else product
     prior = metric.power(delta, -1.0)
     gradient = product + ridge * prior - data.rhs
     dual_norm2 = max(_inner(gradient, metric.power(gradient, 1.0)), 0.0)
-    rhs_norm = math.sqrt(_inner(data.rhs, metric.power(data.rhs, 1.0)))
+    rhs_norm = _dual_norm(data.rhs, metric)
     objective = 0.5 * _inner(delta, product) - _inner(data.rhs, delta) + data.constant + 0.5 * ridge * _inner(delta, prior)
     certificate = Certificate(ridge=ridge, prior=metric.kind, relative_gradient_norm=math.sqrt(dual_norm2) / rhs_norm,
                               gradient_norm=math.sqrt(dual_norm2), suboptimality_bound=dual_norm2 / (2 * ridge),
@@ -261,48 +263,74 @@ def solve(
     """
     if not ridge > 0:
         raise ValueError(f"`ridge` must be > 0 for a certified solve, got {ridge}.")
-    delta = data.flat.zeros() if start is None else start.clone()
+    with tqdm(total=max_iterations, desc=f"conjugate gradients at λ={ridge:.3g}", disable=not progress) as bar:
+        delta, product, spent = _solve_linear(data, metric, ridge, data.rhs, start, tolerance, max_iterations, bar)
+    return delta, certify(data, metric, ridge, delta, spent, product)[0]
+
+
+def inverse_hessian_product(
+    data: DataTerm, metric: PriorMetric, ridge: float, vector: Tensor, *, tolerance: float = 1e-6,
+    max_iterations: int = 500,
+) -> Tensor:
+    """``(G + λM)⁻¹ v``: ``[P] -> [P]``, by conjugate gradients preconditioned by M until the residual from
+    a fresh product is below ``tolerance`` relative to ``v`` (in M⁻¹'s norm, as the certificate's)."""
+    return _solve_linear(data, metric, ridge, vector, None, tolerance, max_iterations, None)[0]
+
+
+def _dual_norm(vector: Tensor, metric: PriorMetric) -> float:
+    """``‖v‖_{M⁻¹}``, the norm the certificate measures gradients in."""
+    return math.sqrt(max(_inner(vector, metric.power(vector, 1.0)), 0.0))
+
+
+def _solve_linear(
+    data: DataTerm, metric: PriorMetric, ridge: float, rhs: Tensor, start: Tensor | None, tolerance: float,
+    max_iterations: int, bar,
+) -> tuple[Tensor, Tensor, int]:
+    """``(G + λM) x = rhs`` from ``start`` (default 0) until ``‖rhs − (G + λM)x‖_{M⁻¹} ≤ tol · ‖rhs‖_{M⁻¹}``
+    with the residual from a fresh product: ``x``, that product ``G·x`` and the products spent."""
+    x = data.flat.zeros() if start is None else start.clone()
+    rhs_norm = _dual_norm(rhs, metric)
     spent = 0
-    bar = tqdm(total=max_iterations, desc=f"conjugate gradients at λ={ridge:.3g}", disable=not progress)
     while True:
-        certificate, gradient = certify(data, metric, ridge, delta, spent)
+        product = data.gauss_newton(x)
+        residual = rhs - product - ridge * metric.power(x, -1.0)
         spent += 1
-        bar.update()
-        bar.set_postfix(gradient=f"{certificate.relative_gradient_norm:.2e}")
-        if certificate.relative_gradient_norm <= tolerance:
-            bar.close()
-            return delta, certificate
+        relative = _dual_norm(residual, metric) / rhs_norm
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(gradient=f"{relative:.2e}")
+        if relative <= tolerance:
+            return x, product, spent
         if spent >= max_iterations:
-            bar.close()
             raise RuntimeError(
-                f"No certificate after {spent} products with the data (relative gradient "
-                f"{certificate.relative_gradient_norm:.2e} > {tolerance:.0e}); raise the iteration limit or the ridge."
+                f"No certificate after {spent} products with the data (relative gradient {relative:.2e} > "
+                f"{tolerance:.0e}); raise the iteration limit or the ridge."
             )
-        delta, used = _conjugate_gradients(data, metric, ridge, delta, -gradient, 0.8 * tolerance,
-                                           max_iterations - spent, bar)
+        x, used = _conjugate_gradients(data, metric, ridge, x, residual, 0.8 * tolerance, rhs_norm,
+                                       max_iterations - spent, bar)
         spent += used
 
 
 def _conjugate_gradients(
-    data: DataTerm, metric: PriorMetric, ridge: float, delta: Tensor, residual: Tensor, tolerance: float,
-    budget: int, bar,
+    data: DataTerm, metric: PriorMetric, ridge: float, x: Tensor, residual: Tensor, tolerance: float,
+    rhs_norm: float, budget: int, bar,
 ) -> tuple[Tensor, int]:
-    """PCG from ``delta`` with ``residual = b − Hδ`` until the recurrence's relative residual (in the
-    certificate's norm) is below ``tolerance``; then the caller recomputes it: recurrences drift."""
-    rhs_norm = math.sqrt(_inner(data.rhs, metric.power(data.rhs, 1.0)))
+    """PCG from ``x`` with ``residual = rhs − Hx`` until the recurrence's residual, in the certificate's norm
+    and relative to ``rhs_norm``, is below ``tolerance``; then the caller recomputes it: recurrences drift."""
     preconditioned = metric.power(residual, 1.0)
     direction, rz = preconditioned, _inner(residual, preconditioned)
     used, relative = 0, math.inf
     while used < budget and relative > tolerance:
         product = data.gauss_newton(direction) + ridge * metric.power(direction, -1.0)
         used += 1
-        bar.update()
         step = rz / _inner(direction, product)
-        delta = delta + step * direction
+        x = x + step * direction
         residual = residual - step * product
         preconditioned = metric.power(residual, 1.0)
         rz, previous = _inner(residual, preconditioned), rz
         direction = preconditioned + (rz / previous) * direction
         relative = math.sqrt(max(rz, 0.0)) / rhs_norm  # ‖r‖_{M⁻¹}: the certificate's norm
-        bar.set_postfix(gradient=f"{relative:.2e}")
-    return delta, used
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(gradient=f"{relative:.2e}")
+    return x, used

@@ -11,6 +11,7 @@ if asked, pushed to the Hub.
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,10 @@ class LQFTrainer:
             else:
                 found = self._select(train_data, list(metrics.values()))
                 selection = found.to_dict()
+                if len(args.ridge_grid) >= 3 and found.ridge in (min(args.ridge_grid), max(args.ridge_grid)):
+                    warnings.warn(f"λ = {found.ridge:g} was chosen at an end of `ridge_grid` ({max(args.ridge_grid):g} "
+                                  f"… {min(args.ridge_grid):g}): the best λ may lie beyond it. Widen the grid past "
+                                  "that end (see path.png).", stacklevel=3)
                 if acc.is_main_process:
                     plot_path(found, self.output_dir / "path.png")
             kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else None

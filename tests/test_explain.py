@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_solve import _keys, brute_force, metric_of, problem
+from test_solve import _keys, brute_force, closed_form, metric_of, problem
 from test_train import NUM_CLASSES, deltas, toy_images, toy_model
 from torch.func import jacrev
 
@@ -72,6 +72,47 @@ def test_flipped_labels_have_the_lowest_label_margins():
             model.linearized_parameters[name].copy_(part)
     margins = Explainer(model, data, metric, 1.0).label_margins()
     assert sorted(margins.argsort()[:2].tolist()) == flipped
+
+
+@pytest.mark.usefixtures("float64")
+def test_removal_effects_are_the_first_order_change_and_predict_leaving_images_out():
+    ridge, n = 0.05, 48
+    model, z, labels = problem(n)
+    data = DataTerm(model, z, labels, _keys(n), batch_size=16)
+    metric = metric_of("kfac", model, z, data.flat)
+    j, residual0 = brute_force(model, z, labels)
+    delta = closed_form(j, residual0, ridge, metric)
+    with torch.no_grad():
+        for name, part in data.flat.unflatten(delta).items():
+            model.linearized_parameters[name].copy_(part)
+    x = model.encode_trunk(torch.stack([d["pixel_values"] for d in toy_images(3, seed=9)]).double())
+    effects = Explainer(model, data, metric, ridge).removal_effects(x, tolerance=1e-12)
+    jac = jacrev(model.tail_function(x))(dict(model.linearization_point))
+    jx = torch.cat([jac[name].reshape(3 * NUM_CLASSES, -1) for name in model.linearized_parameters], dim=1)
+    residuals = (residual0 - j @ delta).reshape(n, NUM_CLASSES)
+    m_inverse_jt = torch.stack([metric.power(row, 1.0) for row in j], dim=1)  # [P, N·C]
+
+    def inverse_hessian(v):  # (JᵀJ/N + λM)⁻¹ v by Woodbury: P is large, N·C small
+        m_inverse_v = metric.power(v, 1.0)
+        inner = torch.linalg.solve(j @ m_inverse_jt + n * ridge * torch.eye(j.shape[0]), j @ m_inverse_v)
+        return (m_inverse_v - m_inverse_jt @ inner) / ridge
+
+    rows = torch.arange(n).repeat_interleave(NUM_CLASSES)
+    for i in (0, 5):  # the formula by brute force: J(x) H⁻¹ (λMδ* − J_iᵀ r_i)
+        pull = ridge * metric.power(delta, -1.0) - j[rows == i].T @ residuals[i]
+        expected = (jx @ inverse_hessian(pull)).reshape(3, NUM_CLASSES)
+        torch.testing.assert_close(effects.effects[i], expected, rtol=1e-7, atol=1e-9)
+    kernel, cross = j @ m_inverse_jt, jx @ m_inverse_jt  # J M⁻¹ Jᵀ, J(x) M⁻¹ Jᵀ
+    predicted, actual = [], []
+    for removed in [[i] for i in range(n)] + [[1, 4], [0, 6, 9, 30]]:  # the optimum without them: closed form
+        kept = torch.tensor([r not in removed for r in rows.tolist()])
+        count = n - len(removed)
+        dual = torch.linalg.solve(kernel[kept][:, kept] + count * ridge * torch.eye(int(kept.sum())), residual0[kept])
+        actual.append((cross[:, kept] @ dual - jx @ delta).flatten())  # f_lin without them − f_lin, at x
+        predicted.append(effects.predicted_change(removed).flatten())
+    predicted, actual = torch.cat(predicted), torch.cat(actual)
+    assert torch.corrcoef(torch.stack([predicted, actual]))[0, 1] > 0.98  # removing up to 4 of 48 images
+    assert (predicted - actual).norm() > 1e-6 * actual.norm()  # first order, not exact: H_S ≠ H
 
 
 @pytest.mark.usefixtures("float64")

@@ -152,3 +152,10 @@ def test_objective_needs_a_chosen_prior(tmp_path):
                          LQFTrainingArguments(method="solve", progress=False, output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="train first"):
         trainer.objective()
+
+
+def test_a_choice_at_the_end_of_the_grid_is_warned_about(tmp_path):
+    grid = [1e6, 3e5, 1e5]  # all far too large: the loss is flat, the rule takes the top
+    with pytest.warns(UserWarning, match="at an end of `ridge_grid`"):
+        record = solve(toy_model(torch.float32), toy_images(30, seed=3), tmp_path, prior="isotropic", ridge_grid=grid)
+    assert record["ridge"] == 1e6
