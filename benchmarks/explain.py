@@ -21,6 +21,8 @@ The test images are only read for (1)-(3), which choose nothing.
 """
 
 import argparse
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,8 +64,7 @@ def main() -> None:
     train = sample_shots(load_image_dataset("fashion-mnist", "train"), args.shots, seed=args.seed)
     test = sample_shots(load_image_dataset("fashion-mnist", "test"), 200, seed=1000 + args.seed, at_most=True)
     lines = [f"# Attribution and forgetting on Fashion-MNIST ({args.shots} shots, {args.image_size} px, seed {args.seed})",
-             "", f"`python benchmarks/explain.py --shots {args.shots} --image-size {args.image_size} --test-images {args.test_images} --forget "
-             f"{args.forget} --flip {args.flip} --out {args.out}`", ""]
+             "", f"`{shlex.join(['python', *sys.argv])}`", ""]
     with tempfile.TemporaryDirectory() as tmp:
         model, trainer, record = build(args, train, f"{tmp}/full")
         data, metric = trainer.objective()
@@ -77,7 +78,7 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
             change = (explanation.output - explanation.base).abs().max()
             worst = max(worst, float(explanation.gap.abs().max() / change))
-        lines += ["## Exactness", "", f"λ = {model.config.ridge:g}, certificate: relative gradient "
+        lines += ["## Exactness", "", f"{record['prior']} prior, λ = {model.config.ridge:g}, certificate: relative gradient "
                   f"{record['relative_gradient_norm']:.1e}. Over {args.test_images} test images the largest "
                   f"|f_lin − f0 − Σ c_i| / max |f_lin − f0| is {worst:.1e}; {np.mean(seconds):.1f} s per image.", ""]
 

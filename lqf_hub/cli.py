@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="LQF against fine-tuning, a linear probe and ablations over shots and seeds, on one dataset.")
     compare.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
                          help="Defaults of the sweep: 'cpu' (2 cores, 64 px, 2/5/10 shots, 3 seeds; fine-tuning, the "
-                              "probe, lqf and lqf-head: about 26 minutes of runs per dataset, the ablations with "
-                              "--methods about 45 more) or 'gpu'. Default: cpu.")
+                              "probe, lqf and lqf-head: about 15 minutes of runs per dataset, the ablations with "
+                              "--methods 25-40 more) or 'gpu'. Default: cpu.")
     compare.add_argument("--output-dir", default="compare-output", help="Runs, report and plot. Default: compare-output.")
     compare.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
     from .compare import CompareSettings

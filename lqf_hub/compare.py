@@ -140,8 +140,9 @@ PRESETS = {
     # 2 cores: 64 px, 2-10 shots, 3 seeds, 500 test images. Fine-tuning (17 ms per image and step at 64 px on
     # 2 cores) gets 3 learning rates and no augmentation: on a 50-shot Fashion-MNIST draw, validation preferred
     # no augmentation at every learning rate, and the largest rate of 0.003-0.03 (benchmarks/results/compare/).
-    # The ablations make the sweep three times longer (all ten methods: 71 minutes of runs on Fashion-MNIST,
-    # these four: 26): the preset runs the contenders a user chooses between, `--methods` adds the ablations.
+    # The ablations make the sweep three times longer (the sums of the runs' seconds: all ten methods 55 and 38
+    # minutes on Fashion-MNIST and MNIST-5k, these four 16 and 13): the preset runs the contenders a user
+    # chooses between, `--methods` adds the ablations.
     "cpu": CompareSettings(methods=["fine-tuning", "linear-probe", "lqf", "lqf-head"]),
     # one GPU: the model's own resolution, the paper's shot range, the whole test split, wider grids
     "gpu": CompareSettings(image_size=None, shots=[2, 5, 10, 20, 50, 100], test_per_class=0,

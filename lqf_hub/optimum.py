@@ -110,8 +110,7 @@ def select(
     folds = min(folds, len(labels))
     assignment = stratified_folds(labels, keys, folds, seed)  # every fold holds images: the deal is balanced
     ridges = sorted(ridges, reverse=True)
-    candidates = [(metric, ridge) for metric in metrics for ridge in ridges]
-    sums = {(m.kind, r): torch.zeros(3, dtype=torch.float64) for m, r in candidates}  # Σ loss, Σ loss², Σ correct
+    sums = {(m.kind, r): torch.zeros(3, dtype=torch.float64) for m in metrics for r in ridges}  # Σ loss, Σ loss², Σ correct
     residuals = dict.fromkeys(sums, 0.0)
     iterations = 0
     for fold in range(folds):
