@@ -152,6 +152,9 @@ def markdown(settings, runs: list[dict], command: str | None = None) -> str:
                 text += f" [{cell['failed']} failed]"
             cells.append(f"{text} · {cell['seconds']:.0f} s")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    totals = {m: sum(r["seconds"] for r in runs if r["method"] == m) for m in methods}
+    lines += ["", f"The runs' seconds add up to {sum(totals.values()) / 60:.0f} minutes (per method: "
+              + ", ".join(f"{m} {totals[m] / 60:.1f}" for m in methods) + "); loading the data is not counted."]
     lines += ["", "## Targets (issue #10)", "", *targets(table), "", "## Methods", ""]
     lines += [f"- **{m}**: {METHODS[m].description}" for m in methods]
     lines += ["", "## What each method chose on validation", "",

@@ -132,6 +132,8 @@ def test_markdown_names_every_method_and_shot_count():
     runs = [_run(m, s, 0, 0.1 * (i + 1)) for i, m in enumerate(["fine-tuning", "lqf"]) for s in (2, 10)]
     text = markdown(CompareSettings(), runs, "lqf-hub compare")
     assert "| method | 2 shots | 10 shots |" in text and "| lqf | 20.0 (+100%) · 1 s |" in text
+    timed = [_run(m, s, 0, 0.1, seconds=seconds) for m, seconds in (("fine-tuning", 90), ("lqf", 150)) for s in (2, 10)]
+    assert "add up to 8 minutes (per method: fine-tuning 3.0, lqf 5.0)" in markdown(CompareSettings(), timed)
 
 
 def test_cli_compare_writes_the_report_and_refuses_a_foreign_directory(tmp_path, capsys):
