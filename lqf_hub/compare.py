@@ -15,13 +15,13 @@ one with more shots, seeds or methods adds only what is missing). ``compare_repo
 the table, the PNG and the targets.
 """
 
-import dataclasses
 import datetime
 import hashlib
 import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +39,13 @@ from .cache import content_digests
 from .config import LQFConfig, linearize_from_text
 from .data import MissingSplit, class_names, label_array, load_image_dataset, sample_shots, split_validation, with_transform
 from .errors import TrainingDiverged
+from .files import atomic_write_text
 from .model import LQFModel
 from .train import LQFTrainer
 from .training_args import LQFTrainingArguments
 
 RUNS_FILE = "runs.jsonl"
+SUPERSEDED_FILE = "superseded.jsonl"  # runs of a method whose definition or grid has changed since
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class CompareSettings:
     linearize: str | None = _field(None, "What the LQF methods linearize (unset: LQFConfig's default); lqf-head keeps 'head'.")
     validation_fraction: float = _field(0.2, "Share of every class of the training images held out for the choices "
                                         "of the SGD-trained methods.")
-    ft_learning_rates: list[float] = _field([0.01, 0.03, 0.1], "Fine-tuning learning rates to choose from.")
+    ft_learning_rates: list[float] = _field([0.003, 0.01, 0.03, 0.1, 0.3], "Fine-tuning learning rates to choose from.")
     ft_augmentations: list[str] = _field(["none"], "Fine-tuning augmentations to choose from: 'timm' "
                                          "(timm's training transform: random resized crop, flip, colour jitter), 'none'.")
     ft_epochs: int = _field(10, "Fine-tuning epochs (more on few-shot sets, see ft_min_steps).")
@@ -108,7 +110,8 @@ class CompareSettings:
     ft_batch_size: int = _field(16, "Fine-tuning batch size.")
     ft_label_smoothing: float = _field(0.1, "Fine-tuning label smoothing (timm recipes: 0.1).")
     sgd_epochs: list[int] = _field([5, 20, 60], "Epochs to choose from for the early-stopped SGD variants.")
-    probe_weight_decays: list[float] = _field([1e-4, 1e-3, 1e-2, 1e-1, 1.0], "Probe weight decays to choose from.")
+    probe_weight_decays: list[float] = _field([1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
+                                              "Probe weight decays to choose from.")
     image_column: str | None = _field(None, "Image column (default: detected).")
     label_column: str | None = _field(None, "Label column (default: detected).")
 
@@ -130,23 +133,44 @@ class CompareSettings:
         if wrong:
             raise ValueError(f"`ft_augmentations` holds {wrong}; choose from 'timm', 'none'.")
 
-    def fingerprint(self) -> str:
-        """What every run of a sweep must share; shots, seeds and methods may grow between restarts."""
-        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("shots", "seeds", "methods")}
-        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    def data_fingerprint(self) -> str:
+        """What every run in one output directory must share: the data, the backbone, the test images."""
+        return _digest({k: getattr(self, k) for k in DATA_FIELDS})
+
+    def method_fingerprint(self, name: str) -> str:
+        """What makes a run of method ``name`` current: its definition and the grids it chooses from. Changing
+        them reruns that method only; shots, seeds and methods may grow between restarts."""
+        method = METHODS[name]
+        fields = {k: getattr(self, k) for k in METHOD_FIELDS[method.kind]}
+        return _digest({"kind": method.kind, "config": method.config, "training": method.training, **fields})
+
+
+def _digest(value: dict) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# what decides the draws and the test images, and what each kind of method chooses with (besides its Method)
+DATA_FIELDS = ("dataset", "model", "image_size", "test_per_class", "image_column", "label_column")
+METHOD_FIELDS = {
+    "solve": ("linearize",),  # λ by cross-validation over all the training images: no held-out part
+    "sgd": ("linearize", "validation_fraction", "sgd_epochs"),
+    "probe": ("validation_fraction", "probe_weight_decays"),
+    "ft": ("validation_fraction", "ft_learning_rates", "ft_augmentations", "ft_epochs", "ft_min_steps",
+           "ft_batch_size", "ft_label_smoothing"),
+}
 
 
 PRESETS = {
     # 2 cores: 64 px, 2-10 shots, 3 seeds, 500 test images. Fine-tuning (17 ms per image and step at 64 px on
-    # 2 cores) gets 3 learning rates and no augmentation: on a 50-shot Fashion-MNIST draw, validation preferred
-    # no augmentation at every learning rate, and the largest rate of 0.003-0.03 (benchmarks/results/compare/).
-    # The ablations make the sweep three times longer (the sums of the runs' seconds: all ten methods 55 and 38
-    # minutes on Fashion-MNIST and MNIST-5k, these four 16 and 13): the preset runs the contenders a user
-    # chooses between, `--methods` adds the ablations.
+    # 2 cores) gets no augmentation: on a 50-shot Fashion-MNIST draw, validation preferred none at every
+    # learning rate (benchmarks/results/compare/). Its learning rates and the probe's weight decays span
+    # two decades more than at first: with 0.01-0.1 fine-tuning took an end of the grid on 12 of 18 draws, with
+    # 1e-4-1 the probe took the top on 16 of 18 (2026-12-04). The ablations make the sweep about three times
+    # longer: the preset runs the contenders a user chooses between, `--methods` adds the ablations.
     "cpu": CompareSettings(methods=["fine-tuning", "linear-probe", "lqf", "lqf-head"]),
     # one GPU: the model's own resolution, the paper's shot range, the whole test split, wider grids
     "gpu": CompareSettings(image_size=None, shots=[2, 5, 10, 20, 50, 100], test_per_class=0,
-                           ft_learning_rates=[0.001, 0.003, 0.01, 0.03, 0.1], ft_augmentations=["timm", "none"],
+                           ft_learning_rates=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3], ft_augmentations=["timm", "none"],
                            ft_epochs=30, ft_min_steps=300, ft_batch_size=32, sgd_epochs=[10, 30, 100]),
 }
 
@@ -201,7 +225,8 @@ def run_comparison(settings: CompareSettings, output_dir: str | Path, *, progres
             draw = _draw(train_full, test_items, shots, seed, settings.validation_fraction, data_config)
             for name in methods:
                 bar.set_postfix_str(f"{name}, {shots} shots, seed {seed}")
-                run = {"method": name, "shots": shots, "seed": seed, "settings": settings.fingerprint(),
+                run = {"method": name, "shots": shots, "seed": seed, "data": settings.data_fingerprint(),
+                       "settings": settings.method_fingerprint(name),
                        **_run_method(METHODS[name], draw, settings),
                        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
                 with open(output / RUNS_FILE, "a") as f:  # one line per finished run: a kill loses at most one
@@ -214,20 +239,29 @@ def run_comparison(settings: CompareSettings, output_dir: str | Path, *, progres
 
 
 def load_runs(output: Path, settings: CompareSettings) -> list[dict]:
-    """The finished runs in ``output`` for these settings; another comparison's runs are an error."""
+    """The current runs in ``output`` for these settings. Runs of another dataset, backbone or test set are an
+    error; runs of a method whose definition or grid has changed since are moved to ``superseded.jsonl`` (so
+    that they are rerun, and kept)."""
     path = output / RUNS_FILE
     if not path.is_file():
         return []
-    runs = []
+    runs, superseded = [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
             run = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path} line {number} is not JSON (a run cut short?): delete that line and restart.") from None
-        if run.get("settings") != settings.fingerprint():
-            raise ValueError(f"{path} holds runs of another comparison (other dataset, model, size or grids); "
-                             "use another output directory, or the same settings to resume.")
-        runs.append(run)
+        if run.get("data") != settings.data_fingerprint():
+            raise ValueError(f"{path} holds runs of another comparison (other dataset, model, image size or test "
+                             "images); use another output directory, or the same settings to resume.")
+        current = run["method"] in METHODS and run.get("settings") == settings.method_fingerprint(run["method"])
+        (runs if current else superseded).append(run)
+    if superseded:
+        with open(output / SUPERSEDED_FILE, "a") as f:
+            f.writelines(json.dumps(run) + "\n" for run in superseded)
+        atomic_write_text(path, "".join(json.dumps(run) + "\n" for run in runs))
+        warnings.warn(f"{len(superseded)} run(s) of methods whose definition or grid changed were moved to "
+                      f"{output / SUPERSEDED_FILE}; they will be rerun.", stacklevel=2)
     return runs
 
 
@@ -385,7 +419,11 @@ def _choose(candidates: list[dict], score: Callable[[dict], tuple[float, float]]
     for candidate in candidates:
         accuracy, loss = score(candidate)
         validation.append({**candidate, "accuracy": accuracy, "loss": loss})
-    best = min(range(len(candidates)), key=lambda i: (-validation[i]["accuracy"], validation[i]["loss"], i))
+    def rank(i: int) -> tuple[float, float, int]:  # a diverged run's NaN loss ranks last among equals
+        loss = validation[i]["loss"]
+        return -validation[i]["accuracy"], math.inf if math.isnan(loss) else loss, i
+
+    best = min(range(len(candidates)), key=rank)
     return candidates[best], validation
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lqf_hub.cache import content_digests
-from lqf_hub.compare import METHODS, RUNS_FILE, CompareSettings, _choose, _decoded, _draw, _load_splits, \
+from lqf_hub.compare import METHODS, RUNS_FILE, SUPERSEDED_FILE, CompareSettings, _choose, _decoded, _draw, _load_splits, \
     load_runs, run_comparison, stratified_split
 from lqf_hub.compare_report import markdown, paired_difference, summarize, targets
 from lqf_hub.cli import main
@@ -61,6 +61,23 @@ def test_runs_of_other_settings_or_a_cut_line_are_refused(swept, tmp_path):
     (tmp_path / RUNS_FILE).write_text(json.dumps(runs[0]) + "\n{\"method\": \"lq")
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         load_runs(tmp_path, settings)
+
+
+def test_a_changed_grid_reruns_that_method_only_and_keeps_its_old_runs(swept, tmp_path):
+    settings, output, _ = swept
+    runs = load_runs(output, settings)  # with what the restart test added
+    (tmp_path / RUNS_FILE).write_text((output / RUNS_FILE).read_text())
+    probes = [r for r in runs if r["method"] == "linear-probe"]
+    wider = CompareSettings(**{**TINY, "probe_weight_decays": [1e-2, 1.0, 100.0]})
+    with pytest.warns(UserWarning, match=f"{len(probes)} run"):
+        kept = load_runs(tmp_path, wider)
+    assert kept == [r for r in runs if r["method"] != "linear-probe"]
+    assert [json.loads(line) for line in (tmp_path / SUPERSEDED_FILE).read_text().splitlines()] == \
+        probes
+    rerun = run_comparison(CompareSettings(**{**TINY, "probe_weight_decays": [1e-2, 1.0, 100.0],
+                                              "methods": ["linear-probe"]}), tmp_path, progress=False)
+    assert sorted((r["method"], r["seed"]) for r in rerun[len(kept):]) == [("linear-probe", 0)]
+    assert [v["weight_decay"] for v in rerun[-1]["validation"]] == [1e-2, 1.0, 100.0]
 
 
 def test_the_held_out_split_is_stratified_by_content(tmp_path):
