@@ -87,9 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain", help="Split predictions exactly over the training images (needs a model from `lqf-hub train`).")
     _model_arguments(explain, "lqf-output/model", "LQF checkpoint. Default: lqf-output/model")
-    explain.add_argument("images", nargs="+", help="Image files or folders of images.")
-    explain.add_argument("--top-k", type=int, default=5, help="Supporting and opposing training images shown. Default: 5.")
-    explain.add_argument("--output-dir", default="explain-output", help="JSON and one PNG per image. Default: explain-output.")
+    explain.add_argument("images", nargs="*", help="Image files or folders of images.")
+    explain.add_argument("--top-k", type=int, default=5, help="Supporting and opposing training images shown, or with "
+                         "--training-set the suspects shown (at least 16). Default: 5.")
+    explain.add_argument("--training-set", action="store_true",
+                         help="Rank the training images by how much the rest argues against their label (exact "
+                              "leave-one-out): training_set.json and suspects.png.")
+    explain.add_argument("--projections", type=int, default=None,
+                         help="With --training-set: a kernel from this many random projections instead of the exact one "
+                              "(N·C passes over the training set); for large training sets. Default: exact.")
+    explain.add_argument("--output-dir", default="explain-output",
+                         help="JSON and one PNG per image. Default: explain-output.")
 
     forget = commands.add_parser(
         "forget", help="The model without some training images: the certified optimum on the rest (same λ).")
@@ -386,32 +394,47 @@ def _training_images(model) -> tuple[Any, Any]:
 
 
 def run_explain(args) -> dict[str, Any]:
-    from PIL import Image
-
-    from .data import image_transform
-    from .explain import Explainer, plot_explanation
-    from .files import atomic_write_text
+    from .explain import Explainer
     from .model import LQFModel
     from .train import LQFTrainer
     from .training_args import LQFTrainingArguments, objective_settings
 
+    if not args.images and not args.training_set:
+        raise CLIError("Nothing to explain: name image files or folders, or pass --training-set.")
     model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
                                      revision=args.revision, token=args.token)
     files = _image_files(args.images)
     raw, images = _training_images(model)
-    output = Path(args.output_dir)
     with tempfile.TemporaryDirectory() as tmp:
         arguments = LQFTrainingArguments(output_dir=tmp, **objective_settings(model.training_summary))
         data, metric = LQFTrainer(model, images, None, arguments).objective()
     explainer = Explainer(model, data, metric, model.config.ridge)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    result = {"training_images": len(data.labels), "ridge": model.config.ridge}
+    if files:
+        result.update(_explain_images(model, explainer, raw, files, args.top_k, output))
+    if args.training_set:
+        result.update(_explain_training_set(model, explainer, raw, args.projections, max(args.top_k, 16), output))
+    return result
+
+
+def _explain_images(model, explainer, raw, files: list[Path], top_k: int, output: Path) -> dict[str, Any]:
+    """Each image's prediction split over the training images: explanations.json and one PNG per image."""
+    from PIL import Image
+
+    from .data import image_transform
+    from .explain import plot_explanation
+    from .files import atomic_write_text
+
     transform, names = image_transform(model.data_config), model.config.id2label
-    labels = [int(label) for label in data.labels]
+    labels = [int(label) for label in explainer.data.labels]
     rows = []
     for path in files:
         with Image.open(path) as image:
             picture = image.convert("RGB")
         explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)))
-        top = {kind: explanation.ranked(args.top_k, supporting=kind == "supporting") for kind in ("supporting", "opposing")}
+        top = {kind: explanation.ranked(top_k, supporting=kind == "supporting") for kind in ("supporting", "opposing")}
         row = {"image": str(path), "predicted": names[explanation.predicted],
                "output": explanation.output[explanation.predicted].item(),
                "base": explanation.base[explanation.predicted].item(),
@@ -419,12 +442,28 @@ def run_explain(args) -> dict[str, Any]:
                **{kind: [{"train_index": int(i), "label": names[labels[int(i)]], "contribution": float(v)}
                          for i, v in zip(*top[kind])] for kind in top}}
         rows.append(row)
-        output.mkdir(parents=True, exist_ok=True)
         plot_explanation(picture, row, [raw[i]["image"] for kind in top for i in top[kind][0].tolist()],
                          output / f"{path.stem}.png")
     atomic_write_text(output / "explanations.json", json.dumps(rows, indent=2))
-    return {"images": len(rows), "training_images": len(labels), "ridge": model.config.ridge,
-            "json": str(output / "explanations.json")}
+    return {"images": len(rows), "json": str(output / "explanations.json")}
+
+
+def _explain_training_set(model, explainer, raw, projections: int | None, shown: int, output: Path) -> dict[str, Any]:
+    """The training images ranked by their leave-one-out label margin (lowest first): training_set.json and
+    suspects.png."""
+    from .explain import plot_suspects
+    from .files import atomic_write_text
+
+    names = model.config.id2label
+    without = explainer.leave_one_out(explainer.training_kernel(projections=projections, progress=True))
+    margins, labels = explainer.label_margins(without), explainer.data.labels
+    rows = [{"train_index": i, "label": names[int(labels[i])], "others_predict": names[int(without[i].argmax())],
+             "margin": float(margins[i]), "loss": 0.5 * float(explainer.residuals[i].double().square().sum())}
+            for i in margins.argsort().tolist()]
+    record = {"kernel": "exact" if projections is None else f"{projections} random projections", "ranking": rows}
+    atomic_write_text(output / "training_set.json", json.dumps(record, indent=2))
+    plot_suspects(rows[:shown], [raw[row["train_index"]]["image"] for row in rows[:shown]], output / "suspects.png")
+    return {"disputed_labels": sum(row["margin"] < 0 for row in rows), "ranking": str(output / "training_set.json")}
 
 
 def run_forget(args) -> dict[str, Any]:

@@ -16,15 +16,22 @@ the removed images: :class:`RemovalEffects`.
 
 For one image, C backward passes give ``M⁻¹ J(x)ᵀ e_c`` and C forward-mode passes over the training set
 give every ``J_i M⁻¹ J(x)ᵀ e_c``: exact, at the cost of C passes over the training data per image. A
-training image's share of its own prediction, ``c_i(x_i)``, needs only its own C backward passes; what the
-others predict without it, ``f_lin(x_i) − c_i(x_i)``, ranks the images whose label the rest argues against.
+training image's share of its own prediction, ``c_i(x_i)``, needs only its own C backward passes.
+
+Which training images does the rest argue against? The problem is kernel ridge regression in disguise:
+with ``K = J M⁻¹ Jᵀ`` (``[N·C, N·C]``) the fitted outputs are ``f0 + A(αY − f0)``, ``A = K(K + NλI)⁻¹``, so
+the residual of image i under the optimum *without it* (same penalty Nλ/2·δᵀMδ on the sum of the others'
+squares) is exactly ``(I − A_ii)⁻¹ r_i`` — leave-one-out for every image from one kernel (:meth:`Explainer.
+leave_one_out`). The kernel costs N·C passes over the training set, or k with random projections.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .linearize import linearized
 from .model import LQFModel
@@ -85,8 +92,7 @@ class Explainer:
             raise ValueError(f"Attribution needs the model's λ > 0, got {ridge}.")
         self.model, self.data, self.metric, self.ridge = model, data, metric, ridge
         self.fitted = data.outputs(data.flat.flatten(dict(model.linearized_parameters)))  # f_lin(x_i) [N, C]
-        targets = model.config.target_scale * torch.nn.functional.one_hot(data.labels, model.num_classes)
-        self.residuals = targets.to(self.fitted.dtype) - self.fitted  # r_i [N, C]
+        self.residuals = self._targets().to(self.fitted.dtype) - self.fitted  # r_i [N, C]
 
     def explain(self, trunk_output: Tensor) -> Explanation:
         """The split of one image's prediction: ``trunk_output [1, ...]`` (``model.encode_trunk`` of the image)."""
@@ -126,14 +132,55 @@ class Explainer:
             shares.append((gradients @ rows.T) @ residual)  # (J_i M⁻¹ J_iᵀ)ᵀ r_i, the kernel block is symmetric
         return torch.stack(shares) / (self.data.count * self.ridge)
 
-    def label_margins(self) -> Tensor:
-        """How much the other training images favour each image's own label: their prediction's output for
-        the label minus its largest other output ``[N]``; the lowest are the likeliest mislabelled."""
+    def training_kernel(self, *, projections: int | None = None, seed: int = 0, progress: bool = False) -> Tensor:
+        """``K = J M⁻¹ Jᵀ`` between the training images, ``[N, C, N, C]`` (float64).
+
+        Exact (``projections=None``): N·C backward passes of one image and N·C forward-mode passes over the
+        training set. Fast: ``K ≈ Φ Φᵀ`` with ``Φ_i = J_i M^(-1/2) R`` for a Gaussian ``R [P, k] / √k``: k
+        forward-mode passes (``k = projections``), unbiased, with an error that shrinks as 1/√k."""
+        data, n, classes = self.data, self.data.count, self.model.num_classes
+        if projections is None:
+            columns = []
+            for z in tqdm(data.z.split(1), desc="kernel (exact)", disable=not progress):
+                columns.extend(data.outputs(row) - data.f0 for row in self._jacobian_rows(z)[2])
+            return torch.stack(columns, dim=-1).double().reshape(n, classes, n, classes)
+        if projections < 1:
+            raise ValueError(f"`projections` must be >= 1, got {projections}.")
+        generator = torch.Generator(device=data.flat.device).manual_seed(seed)
+        features = []
+        for _ in tqdm(range(projections), desc="kernel (projected)", disable=not progress):
+            direction = torch.randn(sum(data.flat.sizes), generator=generator, device=data.flat.device,
+                                    dtype=data.flat.dtype) / math.sqrt(projections)
+            features.append(data.outputs(self.metric.power(direction, 0.5)) - data.f0)
+        phi = torch.stack(features, dim=-1).double()  # [N, C, k]
+        return torch.einsum("ick,jdk->icjd", phi, phi)
+
+    def leave_one_out(self, kernel: Tensor) -> Tensor:
+        """What the optimum without each training image predicts for it, ``f₋ᵢ(x_i)`` ``[N, C]`` (float64), from
+        ``kernel [N, C, N, C]`` (:meth:`training_kernel`): ``α y_i − (I − A_ii)⁻¹ r_i`` with ``A = K(K + NλI)⁻¹``.
+        Exact for the objective without image i and the same total penalty Nλ/2·δᵀMδ."""
+        n, classes = self.residuals.shape
+        flat = kernel.reshape(n * classes, n * classes)
+        shifted = flat + n * self.ridge * torch.eye(n * classes, dtype=flat.dtype, device=flat.device)
+        hat = torch.linalg.solve(shifted, flat).reshape(n, classes, n, classes)  # (K + NλI)⁻¹K = A (they commute)
+        own = torch.arange(n)
+        blocks = hat[own, :, own, :]  # A_ii [N, C, C]
+        eye = torch.eye(classes, dtype=flat.dtype, device=flat.device)
+        residuals = torch.linalg.solve(eye - blocks, self.residuals.double().unsqueeze(-1))[..., 0]
+        return self._targets().double() - residuals
+
+    def label_margins(self, without: Tensor) -> Tensor:
+        """How much the optimum without each training image favours the image's own label ``[N]``: from
+        ``without [N, C]`` (:meth:`leave_one_out`), the output for the label minus the largest other output.
+        The lowest are the images the rest of the data argues against: the likeliest mislabelled."""
         labels = self.data.labels[:, None]
-        others = self.fitted - self.self_influence()
-        own = others.gather(1, labels)[:, 0]
-        rest = others.scatter(1, labels, float("-inf")).max(1).values
+        own = without.gather(1, labels)[:, 0]
+        rest = without.scatter(1, labels, float("-inf")).max(1).values
         return own - rest
+
+    def _targets(self) -> Tensor:
+        """``α y_i`` ``[N, C]``."""
+        return self.model.config.target_scale * torch.nn.functional.one_hot(self.data.labels, self.model.num_classes)
 
     def _jacobian_rows(self, trunk_output: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For one image: ``f0(x) [C]``, the rows of its Jacobian ``J(x) [C, P]`` and ``(M⁻¹ J(x)ᵀ)ᵀ [C, P]``
@@ -156,14 +203,10 @@ def plot_explanation(image, row: dict, train_images: list, path) -> None:
     """One explanation as a PNG (written atomically): the image and its prediction, then the training images
     of ``row["supporting"]`` (top row) and ``row["opposing"]`` (bottom row) with their labels and contributions.
     ``train_images``: those training images (PIL images or arrays), supporting first."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .files import atomic_write_bytes
 
     columns = max(len(row["supporting"]), len(row["opposing"]), 1) + 1
     fig, axes = plt.subplots(2, columns, figsize=(1.8 * columns, 4.9), squeeze=False)
@@ -180,6 +223,38 @@ def plot_explanation(image, row: dict, train_images: list, path) -> None:
             axes[line, column].set_title(f"#{item['train_index']} {item['label']}\n{item['contribution']:+.3f}",
                                          fontsize=8, color="C2" if kind == "supporting" else "C3")
     fig.suptitle("training images that most raise (top) and lower (bottom) the predicted class's output", fontsize=9)
+    _save(fig, path)
+
+
+def plot_suspects(rows: list[dict], images: list, path) -> None:
+    """The training images the rest of the data argues against most, as a PNG (written atomically): each with
+    its label, what the optimum without it predicts, and its leave-one-out label margin. ``rows``: the
+    ranking's first entries (``train_index``, ``label``, ``others_predict``, ``margin``); ``images``: theirs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(len(rows), 8) or 1
+    lines = max(1, math.ceil(len(rows) / columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(1.8 * columns, 2.2 * lines + 0.4), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, row, image in zip(axes.flat, rows, images):
+        axis.imshow(np.asarray(image), cmap="gray")
+        axis.set_title(f"#{row['train_index']} {row['label']}\nothers: {row['others_predict']}\n"
+                       f"margin {row['margin']:+.2f}", fontsize=8, color="C3" if row["margin"] < 0 else "C0")
+    fig.suptitle("training images the rest argues against (leave-one-out label margin, lowest first)", fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig, path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_write_bytes
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

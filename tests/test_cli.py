@@ -282,6 +282,25 @@ def test_explain_splits_a_prediction_over_the_rebuilt_training_images(trained, c
     assert (tmp_path / "why" / "digit.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_explain_training_set_ranks_every_training_image_by_its_leave_one_out_margin(trained, capsys, tmp_path):
+    code, out, err = run(capsys, "explain", "--model", str(trained / "model"), "--training-set",
+                         "--output-dir", str(tmp_path / "suspects"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "suspects" / "training_set.json").read_text())
+    ranking = record["ranking"]
+    assert record["kernel"] == "exact" and sorted(r["train_index"] for r in ranking) == list(range(40))
+    margins = [r["margin"] for r in ranking]
+    assert margins == sorted(margins)
+    assert re.search(rf"disputed_labels\s+{sum(m < 0 for m in margins)}\n", out)
+    names = LQFModel.from_pretrained(trained / "model").config.id2label
+    train = sample_shots(load_image_dataset("mnist-5k", "train"), 4, seed=0)
+    assert all(names[train[r["train_index"]]["label"]] == r["label"] for r in ranking)
+    assert all((r["margin"] < 0) == (r["others_predict"] != r["label"]) for r in ranking if r["margin"] != 0)
+    assert (tmp_path / "suspects" / "suspects.png").read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run(capsys, "explain", "--model", str(trained / "model"))
+    assert code == 2 and "Nothing to explain" in err
+
+
 def test_forget_gives_the_optimum_without_the_images(trained, capsys, tmp_path):
     code, out, err = run(capsys, "forget", "--model", str(trained / "model"), "--remove", "3", "0",
                          "--output-dir", str(tmp_path / "forgot"))

@@ -56,6 +56,38 @@ def test_self_influence_is_each_image_s_own_contribution():
 
 
 @pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("prior", ["isotropic", "kfac"])
+def test_leave_one_out_is_the_brute_force_re_solve_without_each_image(prior):
+    ridge, n = 0.05, 12
+    model, z, labels, data, metric, delta = solved(prior, ridge, 1e-12)
+    explainer = Explainer(model, data, metric, ridge)
+    kernel = explainer.training_kernel()
+    j, residual0 = brute_force(model, z, labels)  # J [N·C, P], αY − F0 [N·C]
+    m_inverse_jt = torch.stack([metric.power(row, 1.0) for row in j], dim=1)
+    torch.testing.assert_close(kernel.reshape(n * NUM_CLASSES, -1), j @ m_inverse_jt, rtol=1e-9, atol=1e-12)
+    rows = torch.arange(n).repeat_interleave(NUM_CLASSES)
+    loo = explainer.leave_one_out(kernel)
+    for i in range(n):  # the others' optimum with the same total penalty Nλ: λ' = Nλ/(N−1) on their mean
+        kept = rows != i
+        without = closed_form(j[kept], residual0[kept], n * ridge / (n - 1), metric)
+        expected = explainer.fitted[i] + explainer.residuals[i] - residual0[~kept] + j[~kept] @ without  # F0 + J δ₋ᵢ
+        torch.testing.assert_close(loo[i], expected, rtol=1e-8, atol=1e-10)
+    assert (loo - explainer.fitted).abs().max() > 1e-3  # leaving out is not the fitted value
+
+
+@pytest.mark.usefixtures("float64")
+def test_projected_kernel_converges_to_the_exact_one():
+    model, z, labels, data, metric, delta = solved("kfac", 0.05, 1e-10)
+    explainer = Explainer(model, data, metric, 0.05)
+    exact = explainer.training_kernel()
+    errors = [float((explainer.training_kernel(projections=k, seed=1) - exact).norm() / exact.norm())
+              for k in (100, 6400)]
+    assert errors[1] < 0.06 and errors[1] < errors[0] / 4  # unbiased: the error shrinks as 1/√k
+    torch.testing.assert_close(explainer.training_kernel(projections=100, seed=1),
+                               explainer.training_kernel(projections=100, seed=1), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("float64")
 def test_flipped_labels_have_the_lowest_label_margins():
     model = toy_model()
     images = toy_images(30, seed=5)
@@ -70,7 +102,8 @@ def test_flipped_labels_have_the_lowest_label_margins():
     with torch.no_grad():
         for name, part in data.flat.unflatten(delta).items():
             model.linearized_parameters[name].copy_(part)
-    margins = Explainer(model, data, metric, 1.0).label_margins()
+    explainer = Explainer(model, data, metric, 1.0)
+    margins = explainer.label_margins(explainer.leave_one_out(explainer.training_kernel()))
     assert sorted(margins.argsort()[:2].tolist()) == flipped
 
 
