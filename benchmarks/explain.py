@@ -147,7 +147,8 @@ def mislabelled(args, train, output: str) -> list[str]:
             return value
 
         exact = timing("exact", explainer.training_kernel)
-        projected = timing("projected", lambda: explainer.training_kernel(projections=args.projections, seed=draw))
+        projected = timing("projected", lambda: explainer.training_kernel(
+            explainer.random_features(args.projections, seed=draw)))
         scores = {  # lowest first: the likeliest mislabelled
             "leave-one-out margins (exact kernel)": explainer.label_margins(explainer.leave_one_out(exact)),
             f"leave-one-out margins ({args.projections} projections)":

@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Rank the training images by how much the rest argues against their label (exact "
                               "leave-one-out): training_set.json and suspects.png.")
     explain.add_argument("--projections", type=int, default=None,
-                         help="With --training-set: a kernel from this many random projections instead of the exact one "
-                              "(N·C passes over the training set); for large training sets. Default: exact.")
+                         help="Fast mode for large training sets: the kernel estimated from this many random projections "
+                              "of the training images' gradients (k passes over them, once) instead of the exact one "
+                              "(C passes per image, N·C for --training-set). Default: exact.")
     explain.add_argument("--output-dir", default="explain-output",
                          help="JSON and one PNG per image. Default: explain-output.")
 
@@ -411,15 +412,21 @@ def run_explain(args) -> dict[str, Any]:
     explainer = Explainer(model, data, metric, model.config.ridge)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    result = {"training_images": len(data.labels), "ridge": model.config.ridge}
+    features = None if args.projections is None else explainer.random_features(args.projections, progress=True)
+    result = {"training_images": len(data.labels), "ridge": model.config.ridge,
+              "kernel": _kernel_name(features)}
     if files:
-        result.update(_explain_images(model, explainer, raw, files, args.top_k, output))
+        result.update(_explain_images(model, explainer, features, raw, files, args.top_k, output))
     if args.training_set:
-        result.update(_explain_training_set(model, explainer, raw, args.projections, max(args.top_k, 16), output))
+        result.update(_explain_training_set(model, explainer, features, raw, max(args.top_k, 16), output))
     return result
 
 
-def _explain_images(model, explainer, raw, files: list[Path], top_k: int, output: Path) -> dict[str, Any]:
+def _kernel_name(features) -> str:
+    return "exact" if features is None else f"{features.train.shape[-1]} random projections (seed {features.seed})"
+
+
+def _explain_images(model, explainer, features, raw, files: list[Path], top_k: int, output: Path) -> dict[str, Any]:
     """Each image's prediction split over the training images: explanations.json and one PNG per image."""
     from PIL import Image
 
@@ -433,9 +440,9 @@ def _explain_images(model, explainer, raw, files: list[Path], top_k: int, output
     for path in files:
         with Image.open(path) as image:
             picture = image.convert("RGB")
-        explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)))
+        explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)), features=features)
         top = {kind: explanation.ranked(top_k, supporting=kind == "supporting") for kind in ("supporting", "opposing")}
-        row = {"image": str(path), "predicted": names[explanation.predicted],
+        row = {"image": str(path), "kernel": _kernel_name(features), "predicted": names[explanation.predicted],
                "output": explanation.output[explanation.predicted].item(),
                "base": explanation.base[explanation.predicted].item(),
                "unexplained": explanation.gap[explanation.predicted].item(),
@@ -448,19 +455,19 @@ def _explain_images(model, explainer, raw, files: list[Path], top_k: int, output
     return {"images": len(rows), "json": str(output / "explanations.json")}
 
 
-def _explain_training_set(model, explainer, raw, projections: int | None, shown: int, output: Path) -> dict[str, Any]:
+def _explain_training_set(model, explainer, features, raw, shown: int, output: Path) -> dict[str, Any]:
     """The training images ranked by their leave-one-out label margin (lowest first): training_set.json and
     suspects.png."""
     from .explain import plot_suspects
     from .files import atomic_write_text
 
     names = model.config.id2label
-    without = explainer.leave_one_out(explainer.training_kernel(projections=projections, progress=True))
+    without = explainer.leave_one_out(explainer.training_kernel(features, progress=True))
     margins, labels = explainer.label_margins(without), explainer.data.labels
     rows = [{"train_index": i, "label": names[int(labels[i])], "others_predict": names[int(without[i].argmax())],
              "margin": float(margins[i]), "loss": 0.5 * float(explainer.residuals[i].double().square().sum())}
             for i in margins.argsort().tolist()]
-    record = {"kernel": "exact" if projections is None else f"{projections} random projections", "ranking": rows}
+    record = {"kernel": _kernel_name(features), "ranking": rows}
     atomic_write_text(output / "training_set.json", json.dumps(record, indent=2))
     plot_suspects(rows[:shown], [raw[row["train_index"]]["image"] for row in rows[:shown]], output / "suspects.png")
     return {"disputed_labels": sum(row["margin"] < 0 for row in rows), "ranking": str(output / "training_set.json")}

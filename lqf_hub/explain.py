@@ -80,6 +80,14 @@ class RemovalEffects:
         return self.effects[removed].sum(0) / (len(self.effects) - len(removed))
 
 
+@dataclass
+class RandomFeatures:
+    """The training images' random features ``train [N, C, k]`` (float64) and the ``seed`` that drew R."""
+
+    train: Tensor
+    seed: int
+
+
 class Explainer:
     """Splits an LQF model's predictions over the training images it was solved on.
 
@@ -94,15 +102,34 @@ class Explainer:
         self.fitted = data.outputs(data.flat.flatten(dict(model.linearized_parameters)))  # f_lin(x_i) [N, C]
         self.residuals = self._targets().to(self.fitted.dtype) - self.fitted  # r_i [N, C]
 
-    def explain(self, trunk_output: Tensor) -> Explanation:
-        """The split of one image's prediction: ``trunk_output [1, ...]`` (``model.encode_trunk`` of the image)."""
+    def explain(self, trunk_output: Tensor, *, features: RandomFeatures | None = None) -> Explanation:
+        """The split of one image's prediction: ``trunk_output [1, ...]`` (``model.encode_trunk`` of the image).
+        Exact by default (C backward passes, C forward-mode passes over the training images); with the
+        training images' ``features`` (:meth:`random_features`) the kernel is estimated from them instead, at
+        the cost of k forward-mode passes of this one image, and :attr:`Explanation.gap` shows the estimate's
+        error in the sum."""
         data = self.data
-        base, _, rows = self._jacobian_rows(trunk_output)
-        kernel = torch.stack([data.outputs(row) - data.f0 for row in rows], dim=-1)  # J_i M⁻¹ J(x)ᵀ: [N, C, C]
-        contributions = torch.einsum("nkc,nk->nc", kernel, self.residuals) / (data.count * self.ridge)
+        if features is None:
+            base, _, rows = self._jacobian_rows(trunk_output)
+            kernel = torch.stack([data.outputs(row) - data.f0 for row in rows], dim=-1)  # J_i M⁻¹ J(x)ᵀ: [N, C, C]
+        else:
+            base = self._base(trunk_output)[0]
+            own = self._projected(trunk_output, base[None], features.train.shape[-1], features.seed)[0]  # [C, k]
+            kernel = torch.einsum("nkj,cj->nkc", features.train, own)
+        contributions = torch.einsum("nkc,nk->nc", kernel.to(self.residuals.dtype), self.residuals)
         with torch.no_grad():
             output = self.model(trunk_output=trunk_output)[0]
-        return Explanation(base, output, contributions)
+        return Explanation(base, output, contributions / (data.count * self.ridge))
+
+    def random_features(self, projections: int, *, seed: int = 0, progress: bool = False) -> RandomFeatures:
+        """The training images' random features ``Φ_i = J_i M^(-1/2) R`` ``[N, C, k]`` with ``R [P, k]`` Gaussian
+        / √k drawn from ``seed``: ``Φ Φᵀ`` estimates the kernel ``J M⁻¹ Jᵀ`` without bias, with an error that
+        shrinks as 1/√k. k forward-mode passes over the training images, once per model: any image's features
+        come from the same R (:meth:`explain`)."""
+        if projections < 1:
+            raise ValueError(f"`projections` must be >= 1, got {projections}.")
+        train = self._projected(self.data.z, self.data.f0, projections, seed, progress)
+        return RandomFeatures(train, seed)
 
     def removal_effects(self, trunk_outputs: Tensor, *, tolerance: float = 1e-6) -> RemovalEffects:
         """First-order effects of removing each training image on the outputs of ``trunk_outputs [T, ...]``:
@@ -132,28 +159,17 @@ class Explainer:
             shares.append((gradients @ rows.T) @ residual)  # (J_i M⁻¹ J_iᵀ)ᵀ r_i, the kernel block is symmetric
         return torch.stack(shares) / (self.data.count * self.ridge)
 
-    def training_kernel(self, *, projections: int | None = None, seed: int = 0, progress: bool = False) -> Tensor:
-        """``K = J M⁻¹ Jᵀ`` between the training images, ``[N, C, N, C]`` (float64).
-
-        Exact (``projections=None``): N·C backward passes of one image and N·C forward-mode passes over the
-        training set. Fast: ``K ≈ Φ Φᵀ`` with ``Φ_i = J_i M^(-1/2) R`` for a Gaussian ``R [P, k] / √k``: k
-        forward-mode passes (``k = projections``), unbiased, with an error that shrinks as 1/√k."""
+    def training_kernel(self, features: RandomFeatures | None = None, *, progress: bool = False) -> Tensor:
+        """``K = J M⁻¹ Jᵀ`` between the training images, ``[N, C, N, C]`` (float64): exact (N·C backward passes
+        of one image and N·C forward-mode passes over the training set), or ``Φ Φᵀ`` from the training images'
+        random ``features`` (:meth:`random_features`: k passes)."""
         data, n, classes = self.data, self.data.count, self.model.num_classes
-        if projections is None:
-            columns = []
-            for z in tqdm(data.z.split(1), desc="kernel (exact)", disable=not progress):
-                columns.extend(data.outputs(row) - data.f0 for row in self._jacobian_rows(z)[2])
-            return torch.stack(columns, dim=-1).double().reshape(n, classes, n, classes)
-        if projections < 1:
-            raise ValueError(f"`projections` must be >= 1, got {projections}.")
-        generator = torch.Generator(device=data.flat.device).manual_seed(seed)
-        features = []
-        for _ in tqdm(range(projections), desc="kernel (projected)", disable=not progress):
-            direction = torch.randn(sum(data.flat.sizes), generator=generator, device=data.flat.device,
-                                    dtype=data.flat.dtype) / math.sqrt(projections)
-            features.append(data.outputs(self.metric.power(direction, 0.5)) - data.f0)
-        phi = torch.stack(features, dim=-1).double()  # [N, C, k]
-        return torch.einsum("ick,jdk->icjd", phi, phi)
+        if features is not None:
+            return torch.einsum("ick,jdk->icjd", features.train, features.train)
+        columns = []
+        for z in tqdm(data.z.split(1), desc="kernel", disable=not progress):
+            columns.extend(data.outputs(row) - data.f0 for row in self._jacobian_rows(z)[2])
+        return torch.stack(columns, dim=-1).double().reshape(n, classes, n, classes)
 
     def leave_one_out(self, kernel: Tensor) -> Tensor:
         """What the optimum without each training image predicts for it, ``f₋ᵢ(x_i)`` ``[N, C]`` (float64), from
@@ -181,6 +197,28 @@ class Explainer:
     def _targets(self) -> Tensor:
         """``α y_i`` ``[N, C]``."""
         return self.model.config.target_scale * torch.nn.functional.one_hot(self.data.labels, self.model.num_classes)
+
+    def _base(self, trunk_outputs: Tensor) -> Tensor:
+        """``f0(x)`` ``[n, C]``: the pretrained network with its head at w0."""
+        flat = self.data.flat
+        with torch.no_grad():
+            return linearized(self.model.tail_function(trunk_outputs), self.model.linearization_point,
+                              flat.unflatten(flat.zeros()))
+
+    @torch.no_grad()
+    def _projected(self, trunk_outputs: Tensor, base: Tensor, projections: int, seed: int,
+                   progress: bool = False) -> Tensor:
+        """``J(x) M^(-1/2) R`` ``[n, C, k]`` (float64) for ``trunk_outputs [n, ...]`` with ``f0 = base [n, C]``;
+        R's columns are drawn one at a time from ``seed``, so any images get the same R."""
+        flat, model = self.data.flat, self.model
+        generator = torch.Generator(device=flat.device).manual_seed(seed)
+        columns = []
+        for _ in tqdm(range(projections), desc="random features", disable=not progress):
+            direction = torch.randn(sum(flat.sizes), generator=generator, device=flat.device, dtype=flat.dtype)
+            deltas = flat.unflatten(self.metric.power(direction / math.sqrt(projections), 0.5))
+            columns.append(torch.cat([linearized(model.tail_function(z), model.linearization_point, deltas)
+                                      for z in trunk_outputs.split(self.data.batch_size)]) - base)
+        return torch.stack(columns, dim=-1).double()
 
     def _jacobian_rows(self, trunk_output: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For one image: ``f0(x) [C]``, the rows of its Jacobian ``J(x) [C, P]`` and ``(M⁻¹ J(x)ᵀ)ᵀ [C, P]``

@@ -297,6 +297,10 @@ def test_explain_training_set_ranks_every_training_image_by_its_leave_one_out_ma
     assert all(names[train[r["train_index"]]["label"]] == r["label"] for r in ranking)
     assert all((r["margin"] < 0) == (r["others_predict"] != r["label"]) for r in ranking if r["margin"] != 0)
     assert (tmp_path / "suspects" / "suspects.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run(capsys, "explain", "--model", str(trained / "model"), "--training-set", "--projections", "40",
+                         "--output-dir", str(tmp_path / "fast"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "fast" / "training_set.json").read_text())["kernel"] == "40 random projections (seed 0)"
     code, _, err = run(capsys, "explain", "--model", str(trained / "model"))
     assert code == 2 and "Nothing to explain" in err
 
