@@ -412,7 +412,7 @@ def run_explain(args) -> dict[str, Any]:
     explainer = Explainer(model, data, metric, model.config.ridge)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    features = None if args.projections is None else explainer.random_features(args.projections, progress=True)
+    features = None if args.projections is None else _random_features(model, explainer, args.projections, output)
     result = {"training_images": len(data.labels), "ridge": model.config.ridge,
               "kernel": _kernel_name(features)}
     if files:
@@ -420,6 +420,28 @@ def run_explain(args) -> dict[str, Any]:
     if args.training_set:
         result.update(_explain_training_set(model, explainer, features, raw, max(args.top_k, 16), output))
     return result
+
+
+def _random_features(model, explainer, projections: int, output: Path):
+    """The training images' random features, computed once per model and kept in ``output``: they depend on
+    w0, the training images, the prior and k (not on δ or λ)."""
+    import hashlib
+
+    from .explain import RandomFeatures
+    from .training_args import objective_settings
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.linearization_point.items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    summary = model.training_summary
+    digest.update(json.dumps([summary["train_data"]["fingerprint"], summary.get("forgotten"),
+                              objective_settings(summary), projections]).encode())
+    path, key = output / f"random_features_{projections}.safetensors", digest.hexdigest()
+    features = RandomFeatures.load(path, key)
+    if features is None:
+        features = explainer.random_features(projections, progress=True)
+        features.save(path, key)
+    return features
 
 
 def _kernel_name(features) -> str:

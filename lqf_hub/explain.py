@@ -27,12 +27,14 @@ leave_one_out`). The kernel costs N·C passes over the training set, or k with r
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .files import atomic_write_bytes
 from .linearize import linearized
 from .model import LQFModel
 from .solve import DataTerm, PriorMetric, inverse_hessian_product
@@ -86,6 +88,26 @@ class RandomFeatures:
 
     train: Tensor
     seed: int
+
+    def save(self, path: str | Path, key: str) -> None:
+        """Write them atomically as safetensors, with ``key`` (a digest of what they were computed from)."""
+        from safetensors.torch import save
+
+        atomic_write_bytes(path, save({"train": self.train.contiguous()}, metadata={"seed": str(self.seed), "key": key}))
+
+    @classmethod
+    def load(cls, path: str | Path, key: str) -> "RandomFeatures | None":
+        """The features saved at ``path`` if they were computed from ``key``; None if absent, stale or unreadable."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "pt") as saved:
+                metadata = saved.metadata() or {}
+                if metadata.get("key") != key:
+                    return None
+                return cls(saved.get_tensor("train"), int(metadata["seed"]))
+        except (OSError, SafetensorError, KeyError, ValueError):
+            return None
 
 
 class Explainer:
@@ -290,8 +312,6 @@ def _save(fig, path) -> None:
     import io
 
     import matplotlib.pyplot as plt
-
-    from .files import atomic_write_bytes
 
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -300,7 +300,15 @@ def test_explain_training_set_ranks_every_training_image_by_its_leave_one_out_ma
     code, out, err = run(capsys, "explain", "--model", str(trained / "model"), "--training-set", "--projections", "40",
                          "--output-dir", str(tmp_path / "fast"))
     assert code == 0, err
-    assert json.loads((tmp_path / "fast" / "training_set.json").read_text())["kernel"] == "40 random projections (seed 0)"
+    first = json.loads((tmp_path / "fast" / "training_set.json").read_text())
+    assert first["kernel"] == "40 random projections (seed 0)"
+    cached = tmp_path / "fast" / "random_features_40.safetensors"
+    stamp = cached.stat().st_mtime_ns
+    assert run(capsys, "explain", "--model", str(trained / "model"), "--training-set", "--projections", "40",
+               "--output-dir", str(tmp_path / "fast"))[0] == 0
+    assert cached.stat().st_mtime_ns == stamp  # stored once per model, then read
+    again = json.loads((tmp_path / "fast" / "training_set.json").read_text())["ranking"]
+    assert [r["margin"] for r in again] == pytest.approx([r["margin"] for r in first["ranking"]], rel=1e-9, abs=1e-12)
     code, _, err = run(capsys, "explain", "--model", str(trained / "model"))
     assert code == 2 and "Nothing to explain" in err
 

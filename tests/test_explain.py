@@ -201,3 +201,16 @@ def test_forget_refuses_what_it_cannot_do(tmp_path, remove, message):
     model.config.ridge = 0.1
     with pytest.raises(ValueError, match=message):
         forget(model, toy_images(20, seed=3), remove, LQFTrainingArguments(output_dir=str(tmp_path), progress=False))
+
+
+def test_random_features_round_trip_and_stale_or_corrupt_files_are_not_used(tmp_path):
+    from lqf_hub.explain import RandomFeatures
+
+    features = RandomFeatures(torch.randn(3, 2, 4, dtype=torch.float64), seed=5)
+    features.save(tmp_path / "f.safetensors", "digest")
+    loaded = RandomFeatures.load(tmp_path / "f.safetensors", "digest")
+    assert torch.equal(loaded.train, features.train) and loaded.seed == 5  # bit-exact
+    assert RandomFeatures.load(tmp_path / "f.safetensors", "another model") is None
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "f.safetensors").read_bytes()[:40])
+    assert RandomFeatures.load(tmp_path / "cut.safetensors", "digest") is None
+    assert RandomFeatures.load(tmp_path / "absent.safetensors", "digest") is None
