@@ -172,9 +172,9 @@ class Explainer:
         return RemovalEffects(torch.stack(effects, dim=1))
 
     def self_influence(self) -> Tensor:
-        """Every training image's share of its own prediction, ``c_i(x_i)`` ``[N, C]``. The other images
-        alone predict ``f_lin(x_i) − c_i(x_i)`` to first order: a mislabelled image is one they argue against
-        (:meth:`label_margins`)."""
+        """Every training image's share of its own prediction, ``c_i(x_i)`` ``[N, C]``: its own C backward
+        passes. ``f_lin(x_i) − c_i(x_i)`` is what the others predict for it to first order; :meth:`leave_one_out`
+        gives that exactly."""
         shares = []
         for z, residual in zip(self.data.z.split(1), self.residuals):
             _, gradients, rows = self._jacobian_rows(z)
