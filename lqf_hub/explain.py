@@ -193,17 +193,26 @@ class Explainer:
             columns.extend(data.outputs(row) - data.f0 for row in self._jacobian_rows(z)[2])
         return torch.stack(columns, dim=-1).double().reshape(n, classes, n, classes)
 
-    def leave_one_out(self, kernel: Tensor) -> Tensor:
-        """What the optimum without each training image predicts for it, ``f₋ᵢ(x_i)`` ``[N, C]`` (float64), from
-        ``kernel [N, C, N, C]`` (:meth:`training_kernel`): ``α y_i − (I − A_ii)⁻¹ r_i`` with ``A = K(K + NλI)⁻¹``.
-        Exact for the objective without image i and the same total penalty Nλ/2·δᵀMδ."""
+    def leave_one_out(self, kernel: Tensor | RandomFeatures) -> Tensor:
+        """What the optimum without each training image predicts for it, ``f₋ᵢ(x_i)`` ``[N, C]`` (float64):
+        ``α y_i − (I − A_ii)⁻¹ r_i`` with the hat matrix ``A = K(K + NλI)⁻¹``. Exact for the objective without
+        image i and the same total penalty Nλ/2·δᵀMδ. From the dense ``kernel [N, C, N, C]``
+        (:meth:`training_kernel`: O((N·C)²) memory), or from random features ``Φ`` without forming it:
+        ``A_ii = Φ_i (ΦᵀΦ + NλI)⁻¹ Φ_iᵀ``, O(N·C·k) memory — for large training sets."""
         n, classes = self.residuals.shape
-        flat = kernel.reshape(n * classes, n * classes)
-        shifted = flat + n * self.ridge * torch.eye(n * classes, dtype=flat.dtype, device=flat.device)
-        hat = torch.linalg.solve(shifted, flat).reshape(n, classes, n, classes)  # (K + NλI)⁻¹K = A (they commute)
-        own = torch.arange(n)
-        blocks = hat[own, :, own, :]  # A_ii [N, C, C]
-        eye = torch.eye(classes, dtype=flat.dtype, device=flat.device)
+        shift = n * self.ridge
+        if isinstance(kernel, RandomFeatures):
+            phi = kernel.train.reshape(n * classes, -1)  # [N·C, k]
+            gram = phi.T @ phi + shift * torch.eye(phi.shape[1], dtype=phi.dtype, device=phi.device)
+            weighted = torch.linalg.solve(gram, phi.T).T.reshape(n, classes, -1)  # Φ_i (ΦᵀΦ + NλI)⁻¹
+            blocks = torch.einsum("nck,ndk->ncd", weighted, kernel.train)  # A_ii [N, C, C]
+        else:
+            flat = kernel.reshape(n * classes, n * classes)
+            shifted = flat + shift * torch.eye(n * classes, dtype=flat.dtype, device=flat.device)
+            hat = torch.linalg.solve(shifted, flat).reshape(n, classes, n, classes)  # (K + NλI)⁻¹K = A: they commute
+            own = torch.arange(n)
+            blocks = hat[own, :, own, :]
+        eye = torch.eye(classes, dtype=blocks.dtype, device=blocks.device)
         residuals = torch.linalg.solve(eye - blocks, self.residuals.double().unsqueeze(-1))[..., 0]
         return self._targets().double() - residuals
 

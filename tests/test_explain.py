@@ -90,6 +90,8 @@ def test_random_features_estimate_the_kernel_and_the_split_without_bias():
     # unbiased, error ~ 1/√k (here ≈ √(2/k): K is nearly rank one): 16 times the projections, a quarter of it
     assert kernel_errors[1] < 0.2 and kernel_errors[1] < kernel_errors[0] / 2
     assert split_errors[1] < 0.25 and split_errors[1] < split_errors[0] / 2
+    torch.testing.assert_close(explainer.leave_one_out(features),  # the low-rank route, without forming ΦΦᵀ
+                               explainer.leave_one_out(explainer.training_kernel(features)), rtol=1e-9, atol=1e-10)
     again = explainer.random_features(8, seed=1).train
     assert torch.equal(again, explainer.random_features(8, seed=1).train)  # R is the seed's
     assert not torch.equal(again, explainer.random_features(8, seed=2).train)
