@@ -10,8 +10,9 @@ the probe, the number of epochs for the early-stopped SGD variants (K folds woul
 candidate). The test images (one stratified subset, the same for every seed and method) are read once per
 final model, for the report.
 
-Runs are appended to ``runs.jsonl`` as they finish; a sweep restarted on the same settings skips them (and
-one with more shots, seeds or methods adds only what is missing). ``compare_report`` turns the runs into
+Runs are appended to ``runs.jsonl`` as they finish; a sweep restarted on the same settings skips them, one
+with more shots, seeds or methods adds only what is missing, and a method whose definition or grid changed
+is run again (its former runs move to ``superseded.jsonl``). ``compare_report`` turns the runs into
 the table, the PNG and the targets.
 """
 
