@@ -16,8 +16,8 @@ mislabelled images found by the label margins.
    images' shares of the split (``−c_j(x)``). Pearson correlation over every (removal, image, class).
 4. For ``--flip-draws`` draws, labels of ``--flip`` of the training images changed to another class; the
    model solved on them (prior and λ as ``lqf-hub train`` chooses them); precision at k = number flipped of
-   the exact leave-one-out label margins (``Explainer.leave_one_out``), the same from a kernel of
-   ``--projections`` random projections, the first-order margins and the training loss.
+   the exact leave-one-out label margins (``Explainer.leave_one_out``), the leave-one-out loss, the margins
+   from a kernel of ``--projections`` random projections, the first-order margins and the training loss.
 ``--sections`` runs some of them (the draws of 1-3 stay the same).
 The test images are only read for (1)-(3), which choose nothing.
 """
@@ -149,8 +149,11 @@ def mislabelled(args, train, output: str) -> list[str]:
         exact = timing("exact", explainer.training_kernel)
         projected = timing("projected", lambda: explainer.training_kernel(
             explainer.random_features(args.projections, seed=draw)))
+        without = explainer.leave_one_out(exact)
+        targets = model.config.target_scale * torch.nn.functional.one_hot(data.labels, model.num_classes)
         scores = {  # lowest first: the likeliest mislabelled
-            "leave-one-out margins (exact kernel)": explainer.label_margins(explainer.leave_one_out(exact)),
+            "leave-one-out margins (exact kernel)": explainer.label_margins(without),
+            "leave-one-out loss (exact kernel)": -(targets.double() - without).square().sum(-1),
             f"leave-one-out margins ({args.projections} projections)":
                 explainer.label_margins(explainer.leave_one_out(projected)),
             "first-order margins (fitted − own share)": timing("shares", lambda: _margins(explainer)),

@@ -424,7 +424,7 @@ def run_explain(args) -> dict[str, Any]:
 
 def _random_features(model, explainer, projections: int, output: Path):
     """The training images' random features, computed once per model and kept in ``output``: they depend on
-    w0, the training images, the prior and k (not on δ or λ)."""
+    w0, the model's configuration, the training images, the prior and k (not on δ or λ)."""
     import hashlib
 
     from .explain import RandomFeatures
@@ -434,8 +434,9 @@ def _random_features(model, explainer, projections: int, output: Path):
     for name, tensor in sorted(model.linearization_point.items()):
         digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     summary = model.training_summary
-    digest.update(json.dumps([summary["train_data"]["fingerprint"], summary.get("forgotten"),
-                              objective_settings(summary), projections]).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k != "ridge"}
+    digest.update(json.dumps([config, summary["train_data"]["fingerprint"], summary.get("forgotten"),
+                              objective_settings(summary), projections], sort_keys=True, default=str).encode())
     path, key = output / f"random_features_{projections}.safetensors", digest.hexdigest()
     features = RandomFeatures.load(path, key)
     if features is None:
