@@ -485,7 +485,7 @@ def _explain_training_set(model, explainer, features, raw, shown: int, output: P
     from .files import atomic_write_text
 
     names = model.config.id2label
-    without = explainer.leave_one_out(features or explainer.training_kernel(progress=True))
+    without = explainer.leave_one_out(explainer.training_kernel(progress=True) if features is None else features)
     margins, labels = explainer.label_margins(without), explainer.data.labels
     rows = [{"train_index": i, "label": names[int(labels[i])], "others_predict": names[int(without[i].argmax())],
              "margin": float(margins[i]), "loss": 0.5 * float(explainer.residuals[i].double().square().sum())}

@@ -135,7 +135,7 @@ class Explainer:
             base, _, rows = self._jacobian_rows(trunk_output)
             kernel = torch.stack([data.outputs(row) - data.f0 for row in rows], dim=-1)  # J_i M⁻¹ J(x)ᵀ: [N, C, C]
         else:
-            base = self._base(trunk_output)[0]
+            base = self.model.base_forward(trunk_output=trunk_output)[0]  # f0(x)
             own = self._projected(trunk_output, base[None], features.train.shape[-1], features.seed)[0]  # [C, k]
             kernel = torch.einsum("nkj,cj->nkc", features.train, own)
         contributions = torch.einsum("nkc,nk->nc", kernel.to(self.residuals.dtype), self.residuals)
@@ -228,13 +228,6 @@ class Explainer:
     def _targets(self) -> Tensor:
         """``α y_i`` ``[N, C]``."""
         return self.model.config.target_scale * torch.nn.functional.one_hot(self.data.labels, self.model.num_classes)
-
-    def _base(self, trunk_outputs: Tensor) -> Tensor:
-        """``f0(x)`` ``[n, C]``: the pretrained network with its head at w0."""
-        flat = self.data.flat
-        with torch.no_grad():
-            return linearized(self.model.tail_function(trunk_outputs), self.model.linearization_point,
-                              flat.unflatten(flat.zeros()))
 
     @torch.no_grad()
     def _projected(self, trunk_outputs: Tensor, base: Tensor, projections: int, seed: int,
