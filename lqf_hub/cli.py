@@ -366,83 +366,28 @@ def _image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _training_images(model) -> tuple[Any, Any]:
-    """The images ``model`` was solved on, rebuilt from its card's record, checked against its fingerprint,
-    less any it forgot: ``(raw dataset, transformed dataset)``."""
-    from .cache import content_digests, digests_fingerprint
-    from .data import load_image_dataset, sample_shots, split_validation, with_transform
-
-    summary = model.training_summary or {}
-    source = summary.get("train_data")
-    if summary.get("method") != "solve" or not source:
-        raise CLIError("This model has no record of the images it was solved on (it was not made by `lqf-hub train` "
-                       "with --method solve); use lqf_hub.explain.Explainer with its training set instead.")
-    raw = load_image_dataset(source["dataset"], source["split"], image_column=source.get("image_column"),
-                             label_column=source.get("label_column"))
-    if source.get("val_fraction"):
-        raw = split_validation(raw, source["val_fraction"], seed=source["seed"])[0]
-    if source.get("shots"):
-        raw = sample_shots(raw, source["shots"], seed=source["seed"])
-    images = with_transform(raw, model.data_config)
-    if digests_fingerprint(content_digests(images)) != source.get("fingerprint"):
-        raise CLIError(f"The training images rebuilt from {source['dataset']} ({source['split']}) are not the ones the "
-                       "model was solved on (another dataset version or preprocessing); nothing was computed.")
-    forgotten = set(summary.get("forgotten", {}).get("removed", []))
-    if forgotten:
-        raw = raw.select([i for i in range(len(raw)) if i not in forgotten])
-        images = with_transform(raw, model.data_config)
-    return raw, images
-
-
 def run_explain(args) -> dict[str, Any]:
-    from .explain import Explainer
+    from .explain import Explainer, training_images
     from .model import LQFModel
-    from .train import LQFTrainer
-    from .training_args import LQFTrainingArguments, objective_settings
 
     if not args.images and not args.training_set:
         raise CLIError("Nothing to explain: name image files or folders, or pass --training-set.")
     model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
                                      revision=args.revision, token=args.token)
     files = _image_files(args.images)
-    raw, images = _training_images(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        arguments = LQFTrainingArguments(output_dir=tmp, **objective_settings(model.training_summary))
-        data, metric = LQFTrainer(model, images, None, arguments).objective()
-    explainer = Explainer(model, data, metric, model.config.ridge)
+    raw, images = training_images(model)
+    explainer = Explainer.from_model(model, images)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    features = None if args.projections is None else _random_features(model, explainer, args.projections, output)
-    result = {"training_images": len(data.labels), "ridge": model.config.ridge,
+    features = None if args.projections is None else explainer.random_features(
+        args.projections, progress=True, cache_dir=output)  # once per model: kept in the output directory
+    result = {"training_images": explainer.data.count, "ridge": model.config.ridge,
               "kernel": _kernel_name(features)}
     if files:
         result.update(_explain_images(model, explainer, features, raw, files, args.top_k, output))
     if args.training_set:
         result.update(_explain_training_set(model, explainer, features, raw, max(args.top_k, 16), output))
     return result
-
-
-def _random_features(model, explainer, projections: int, output: Path):
-    """The training images' random features, computed once per model and kept in ``output``: they depend on
-    w0, the model's configuration, the training images, the prior and k (not on δ or λ)."""
-    import hashlib
-
-    from .explain import RandomFeatures
-    from .training_args import objective_settings
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.linearization_point.items()):
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    summary = model.training_summary
-    config = {k: v for k, v in model.config.to_dict().items() if k != "ridge"}
-    digest.update(json.dumps([config, summary["train_data"]["fingerprint"], summary.get("forgotten"),
-                              objective_settings(summary), projections], sort_keys=True, default=str).encode())
-    path, key = output / f"random_features_{projections}.safetensors", digest.hexdigest()
-    features = RandomFeatures.load(path, key)
-    if features is None:
-        features = explainer.random_features(projections, progress=True)
-        features.save(path, key)
-    return features
 
 
 def _kernel_name(features) -> str:
@@ -497,6 +442,7 @@ def _explain_training_set(model, explainer, features, raw, shown: int, output: P
 
 
 def run_forget(args) -> dict[str, Any]:
+    from .explain import training_images
     from .forget import forget
     from .model import LQFModel
     from .training_args import LQFTrainingArguments
@@ -508,7 +454,7 @@ def run_forget(args) -> dict[str, Any]:
                        "to remove at once (indices of its training set, as `lqf-hub explain` of it reports them).")
     output = Path(args.output_dir)
     _check_output_dir(output, args.overwrite, None)
-    _, images = _training_images(model)
+    _, images = training_images(model)
     output.mkdir(parents=True, exist_ok=True)
     (output / OUTPUT_MARKER).write_text("written by lqf-hub forget\n")
     new, record = forget(model, images, args.remove, LQFTrainingArguments(output_dir=str(output)))

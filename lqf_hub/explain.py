@@ -25,7 +25,10 @@ squares) is exactly ``(I − A_ii)⁻¹ r_i`` — leave-one-out for every image 
 leave_one_out`). The kernel costs N·C passes over the training set, or k with random projections.
 """
 
+import hashlib
+import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import CheckpointError
 from .files import atomic_write_bytes
 from .linearize import linearized
 from .model import LQFModel
@@ -124,6 +128,18 @@ class Explainer:
         self.fitted = data.outputs(data.flat.flatten(dict(model.linearized_parameters)))  # f_lin(x_i) [N, C]
         self.residuals = self._targets().to(self.fitted.dtype) - self.fitted  # r_i [N, C]
 
+    @classmethod
+    def from_model(cls, model: LQFModel, images) -> "Explainer":
+        """The explainer of a solved checkpoint over its training ``images`` (:func:`training_images`), with the
+        objective (prior, batch size) rebuilt from the settings its card records."""
+        from .train import LQFTrainer
+        from .training_args import LQFTrainingArguments, objective_settings
+
+        with tempfile.TemporaryDirectory() as tmp:
+            arguments = LQFTrainingArguments(output_dir=tmp, **objective_settings(model.training_summary))
+            data, metric = LQFTrainer(model, images, None, arguments).objective()
+        return cls(model, data, metric, model.config.ridge)
+
     def explain(self, trunk_output: Tensor, *, features: RandomFeatures | None = None) -> Explanation:
         """The split of one image's prediction: ``trunk_output [1, ...]`` (``model.encode_trunk`` of the image).
         Exact by default (C backward passes, C forward-mode passes over the training images); with the
@@ -143,15 +159,24 @@ class Explainer:
             output = self.model(trunk_output=trunk_output)[0]
         return Explanation(base, output, contributions / (data.count * self.ridge))
 
-    def random_features(self, projections: int, *, seed: int = 0, progress: bool = False) -> RandomFeatures:
+    def random_features(self, projections: int, *, seed: int = 0, progress: bool = False,
+                        cache_dir: str | Path | None = None) -> RandomFeatures:
         """The training images' random features ``Φ_i = J_i M^(-1/2) R`` ``[N, C, k]`` with ``R [P, k]`` Gaussian
         / √k drawn from ``seed``: ``Φ Φᵀ`` estimates the kernel ``J M⁻¹ Jᵀ`` without bias, with an error that
         shrinks as 1/√k. k forward-mode passes over the training images, once per model: any image's features
-        come from the same R (:meth:`explain`)."""
+        come from the same R (:meth:`explain`). With ``cache_dir`` they are kept there
+        (``random_features_{k}.safetensors``) and read back while w0, the tail, the training images' trunk
+        outputs, the prior, k and the seed are those they were computed from (not δ or λ: they do not enter)."""
         if projections < 1:
             raise ValueError(f"`projections` must be >= 1, got {projections}.")
-        train = self._projected(self.data.z, self.data.f0, projections, seed, progress)
-        return RandomFeatures(train, seed)
+        path = None if cache_dir is None else Path(cache_dir) / f"random_features_{projections}.safetensors"
+        key = None if path is None else self._features_key(projections, seed)
+        features = None if path is None else RandomFeatures.load(path, key)
+        if features is None:
+            features = RandomFeatures(self._projected(self.data.z, self.data.f0, projections, seed, progress), seed)
+            if path is not None:
+                features.save(path, key)
+        return features
 
     def removal_effects(self, trunk_outputs: Tensor, *, tolerance: float = 1e-6) -> RemovalEffects:
         """First-order effects of removing each training image on the outputs of ``trunk_outputs [T, ...]``:
@@ -225,6 +250,17 @@ class Explainer:
         rest = without.scatter(1, labels, float("-inf")).max(1).values
         return own - rest
 
+    def _features_key(self, projections: int, seed: int) -> str:
+        """A digest of everything the random features depend on."""
+        digest = hashlib.sha256()
+        config = {k: v for k, v in self.model.config.to_dict().items() if k != "ridge"}
+        digest.update(json.dumps([config, self.metric.kind, projections, seed], sort_keys=True, default=str).encode())
+        prior = {} if self.metric.kfac is None else self.metric.kfac.state_dict()
+        tensors = [*sorted(self.model.linearization_point.items()), ("z", self.data.z), *sorted(prior.items())]
+        for name, tensor in tensors:
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def _targets(self) -> Tensor:
         """``α y_i`` ``[N, C]``."""
         return self.model.config.target_scale * torch.nn.functional.one_hot(self.data.labels, self.model.num_classes)
@@ -259,6 +295,36 @@ class Explainer:
         gradients = torch.stack(gradients)
         rows = torch.stack([self.metric.power(g, 1.0) for g in gradients])
         return base.detach(), gradients, rows
+
+
+def training_images(model: LQFModel) -> tuple:
+    """The images ``model`` was solved on, rebuilt from its card's record, checked against its fingerprint,
+    less any it forgot: ``(raw dataset, transformed dataset)``, aligned with :class:`Explainer`'s indices."""
+    from .cache import content_digests, digests_fingerprint
+    from .data import load_image_dataset, sample_shots, split_validation, with_transform
+
+    summary = model.training_summary or {}
+    source = summary.get("train_data")
+    if summary.get("method") != "solve" or not source:
+        raise CheckpointError("This model has no record of the images it was solved on (it was not made by "
+                              "`lqf-hub train` with --method solve); build lqf_hub.explain.Explainer from its training "
+                              "set instead.")
+    raw = load_image_dataset(source["dataset"], source["split"], image_column=source.get("image_column"),
+                             label_column=source.get("label_column"))
+    if source.get("val_fraction"):
+        raw = split_validation(raw, source["val_fraction"], seed=source["seed"])[0]
+    if source.get("shots"):
+        raw = sample_shots(raw, source["shots"], seed=source["seed"])
+    images = with_transform(raw, model.data_config)
+    if digests_fingerprint(content_digests(images)) != source.get("fingerprint"):
+        raise CheckpointError(f"The training images rebuilt from {source['dataset']} ({source['split']}) are not the "
+                              "ones the model was solved on (another dataset version or preprocessing); nothing was "
+                              "computed.")
+    forgotten = set(summary.get("forgotten", {}).get("removed", []))
+    if forgotten:
+        raw = raw.select([i for i in range(len(raw)) if i not in forgotten])
+        images = with_transform(raw, model.data_config)
+    return raw, images
 
 
 def plot_explanation(image, row: dict, train_images: list, path) -> None:

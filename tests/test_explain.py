@@ -216,3 +216,17 @@ def test_random_features_round_trip_and_stale_or_corrupt_files_are_not_used(tmp_
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "f.safetensors").read_bytes()[:40])
     assert RandomFeatures.load(tmp_path / "cut.safetensors", "digest") is None
     assert RandomFeatures.load(tmp_path / "absent.safetensors", "digest") is None
+
+
+def test_random_features_are_kept_in_the_cache_dir_while_what_they_depend_on_is_unchanged(tmp_path, monkeypatch):
+    computed = []
+    original = Explainer._projected
+    monkeypatch.setattr(Explainer, "_projected", lambda self, *a, **k: computed.append(a[2:4]) or original(self, *a, **k))
+    model, z, labels, data, metric, _ = solved("kfac", 0.05, 1e-8)
+    explainer = Explainer(model, data, metric, 0.05)
+    first = explainer.random_features(6, cache_dir=tmp_path)
+    again = Explainer(model, data, metric, 0.5).random_features(6, cache_dir=tmp_path)  # λ does not enter Φ
+    assert torch.equal(again.train, first.train) and computed == [(6, 0)]  # read back, bit-exact
+    explainer.random_features(6, seed=1, cache_dir=tmp_path)
+    Explainer(model, data, metric_of("isotropic", model, z, data.flat), 0.05).random_features(6, cache_dir=tmp_path)
+    assert computed == [(6, 0), (6, 1), (6, 0)]  # another seed or prior: computed again
