@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import LQFConfig
 from .data import class_names, image_transform, load_image_dataset, sample_shots, split_validation, with_transform
-from .errors import CheckpointError, CurvatureError, LQFError, TrainingDiverged
+from .errors import CheckpointError, CurvatureError, DataUnreachable, LQFError, TrainingDiverged
 from .model import LQFModel
 from .train import LQFTrainer
 from .training_args import LQFTrainingArguments
@@ -15,7 +15,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
     __version__ = "0+unknown"
 
 __all__ = [
-    "CheckpointError", "CurvatureError", "LQFConfig", "LQFError", "LQFModel", "LQFTrainer", "LQFTrainingArguments",
+    "CheckpointError", "CurvatureError", "DataUnreachable", "LQFConfig", "LQFError", "LQFModel", "LQFTrainer", "LQFTrainingArguments",
     "TrainingDiverged", "__version__", "class_names", "image_transform", "load_image_dataset", "sample_shots",
     "split_validation", "with_transform",
 ]

@@ -367,7 +367,7 @@ def _image_files(inputs: list[str]) -> list[Path]:
 
 
 def run_explain(args) -> dict[str, Any]:
-    from .explain import Explainer, training_images
+    from .explain import Explainer, training_trunk
     from .model import LQFModel
 
     if not args.images and not args.training_set:
@@ -375,10 +375,9 @@ def run_explain(args) -> dict[str, Any]:
     model = LQFModel.from_pretrained(_checkpoint_source(args.model, args.revision, args.token) or args.model,
                                      revision=args.revision, token=args.token)
     files = _image_files(args.images)
-    raw, images = training_images(model)
-    explainer = Explainer.from_model(model, images)
     output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    raw, trunk = training_trunk(model, output, progress=True)  # kept there: explains without the images later
+    explainer = Explainer.from_model(model, trunk)
     features = None if args.projections is None else explainer.random_features(
         args.projections, progress=True, cache_dir=output)  # once per model: kept in the output directory
     result = {"training_images": explainer.data.count, "ridge": model.config.ridge,
@@ -388,6 +387,11 @@ def run_explain(args) -> dict[str, Any]:
     if args.training_set:
         result.update(_explain_training_set(model, explainer, features, raw, max(args.top_k, 16), output))
     return result
+
+
+def _picture(raw, index: int):
+    """Training image ``index``, or None where the training images are not reachable."""
+    return None if raw is None else raw[int(index)]["image"]
 
 
 def _kernel_name(features) -> str:
@@ -417,7 +421,7 @@ def _explain_images(model, explainer, features, raw, files: list[Path], top_k: i
                **{kind: [{"train_index": int(i), "label": names[labels[int(i)]], "contribution": float(v)}
                          for i, v in zip(*top[kind])] for kind in top}}
         rows.append(row)
-        plot_explanation(picture, row, [raw[i]["image"] for kind in top for i in top[kind][0].tolist()],
+        plot_explanation(picture, row, [_picture(raw, i) for kind in top for i in top[kind][0].tolist()],
                          output / f"{path.stem}.png")
     atomic_write_text(output / "explanations.json", json.dumps(rows, indent=2))
     return {"images": len(rows), "json": str(output / "explanations.json")}
@@ -437,7 +441,7 @@ def _explain_training_set(model, explainer, features, raw, shown: int, output: P
             for i in margins.argsort().tolist()]
     record = {"kernel": _kernel_name(features), "ranking": rows}
     atomic_write_text(output / "training_set.json", json.dumps(record, indent=2))
-    plot_suspects(rows[:shown], [raw[row["train_index"]]["image"] for row in rows[:shown]], output / "suspects.png")
+    plot_suspects(rows[:shown], [_picture(raw, row["train_index"]) for row in rows[:shown]], output / "suspects.png")
     return {"disputed_labels": sum(row["margin"] < 0 for row in rows), "ranking": str(output / "training_set.json")}
 
 

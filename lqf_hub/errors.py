@@ -19,3 +19,7 @@ class TrainingDiverged(LQFError, RuntimeError):
 
 class CurvatureError(LQFError, FloatingPointError):
     """A curvature factor or a preconditioned product is not finite; the message names the layer."""
+
+
+class DataUnreachable(LQFError, OSError):
+    """A dataset a checkpoint records (the images it was solved on) cannot be loaded from where it was recorded."""

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DataUnreachable
 from .files import atomic_write_bytes
 from .linearize import linearized
 from .model import LQFModel
@@ -130,8 +131,8 @@ class Explainer:
 
     @classmethod
     def from_model(cls, model: LQFModel, images) -> "Explainer":
-        """The explainer of a solved checkpoint over its training ``images`` (:func:`training_images`), with the
-        objective (prior, batch size) rebuilt from the settings its card records."""
+        """The explainer of a solved checkpoint over its training ``images`` (:func:`training_images`, or their
+        trunk outputs: :func:`training_trunk`), with the objective rebuilt from the settings its card records."""
         from .train import LQFTrainer
         from .training_args import LQFTrainingArguments, objective_settings
 
@@ -309,8 +310,12 @@ def training_images(model: LQFModel) -> tuple:
         raise CheckpointError("This model has no record of the images it was solved on (it was not made by "
                               "`lqf-hub train` with --method solve); build lqf_hub.explain.Explainer from its training "
                               "set instead.")
-    raw = load_image_dataset(source["dataset"], source["split"], image_column=source.get("image_column"),
-                             label_column=source.get("label_column"))
+    try:
+        raw = load_image_dataset(source["dataset"], source["split"], image_column=source.get("image_column"),
+                                 label_column=source.get("label_column"))
+    except (OSError, ValueError) as err:
+        raise DataUnreachable(f"The training images ({source['dataset']}, {source['split']}) are not reachable: "
+                              f"{err}") from err
     if source.get("val_fraction"):
         raw = split_validation(raw, source["val_fraction"], seed=source["seed"])[0]
     if source.get("shots"):
@@ -327,10 +332,48 @@ def training_images(model: LQFModel) -> tuple:
     return raw, images
 
 
+TRUNK_FILE = "training_trunk.safetensors"
+
+
+def training_trunk(model: LQFModel, directory: str | Path, *, progress: bool = False) -> tuple:
+    """The trunk outputs of the images ``model`` was solved on, kept in ``directory`` (:data:`TRUNK_FILE`):
+    ``(raw dataset or None, TrunkCache)`` for :meth:`Explainer.from_model`. Computed from
+    :func:`training_images` and kept, or read back while the model is the one they were computed for. Where
+    the images are not reachable, the kept outputs still give every score, by training index, and the raw
+    dataset is None (no pictures); with none kept, :class:`DataUnreachable` says so."""
+    from .cache import TrunkCache
+    from .hub import backbone_sha256
+    from .train import LQFTrainer
+    from .training_args import LQFTrainingArguments
+
+    summary = model.training_summary or {}
+    digest = hashlib.sha256(backbone_sha256(model.checkpoint_state()["base"]).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k != "ridge"}
+    digest.update(json.dumps([config, summary.get("train_data"), summary.get("forgotten")], sort_keys=True,
+                             default=str).encode())
+    path, key = Path(directory) / TRUNK_FILE, digest.hexdigest()
+    try:
+        raw, images = training_images(model)
+    except DataUnreachable as err:
+        kept = TrunkCache.load(path, key)
+        if kept is None:
+            raise DataUnreachable(f"{err}. Nor are their trunk outputs kept in {directory} (an explain of this model "
+                                  "into that directory where they were reachable keeps them); nothing was computed.") from err
+        warnings.warn(f"{err}. Using their trunk outputs kept in {path}: scores by training index, no pictures.")
+        return None, kept
+    kept = TrunkCache.load(path, key)
+    if kept is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            kept = LQFTrainer(model, images, None, LQFTrainingArguments(output_dir=tmp, progress=progress)).inputs("train")
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        kept.save(path, key)
+    return raw, kept
+
+
 def plot_explanation(image, row: dict, train_images: list, path) -> None:
     """One explanation as a PNG (written atomically): the image and its prediction, then the training images
     of ``row["supporting"]`` (top row) and ``row["opposing"]`` (bottom row) with their labels and contributions.
-    ``train_images``: those training images (PIL images or arrays), supporting first."""
+    ``train_images``: those training images (PIL images or arrays; None where not reachable), supporting first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +390,7 @@ def plot_explanation(image, row: dict, train_images: list, path) -> None:
     shown = iter(train_images)
     for line, kind in enumerate(("supporting", "opposing")):
         for column, item in enumerate(row[kind], start=1):
-            axes[line, column].imshow(np.asarray(next(shown)), cmap="gray")  # PIL images or arrays
+            _show(axes[line, column], next(shown))
             axes[line, column].set_title(f"#{item['train_index']} {item['label']}\n{item['contribution']:+.3f}",
                                          fontsize=8, color="C2" if kind == "supporting" else "C3")
     fig.suptitle("training images that most raise (top) and lower (bottom) the predicted class's output", fontsize=9)
@@ -357,7 +400,8 @@ def plot_explanation(image, row: dict, train_images: list, path) -> None:
 def plot_suspects(rows: list[dict], images: list, path) -> None:
     """The training images the rest of the data argues against most, as a PNG (written atomically): each with
     its label, what the optimum without it predicts, and its leave-one-out label margin. ``rows``: the
-    ranking's first entries (``train_index``, ``label``, ``others_predict``, ``margin``); ``images``: theirs."""
+    ranking's first entries (``train_index``, ``label``, ``others_predict``, ``margin``); ``images``: theirs
+    (None where not reachable)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,11 +413,19 @@ def plot_suspects(rows: list[dict], images: list, path) -> None:
     for axis in axes.flat:
         axis.axis("off")
     for axis, row, image in zip(axes.flat, rows, images):
-        axis.imshow(np.asarray(image), cmap="gray")
+        _show(axis, image)
         axis.set_title(f"#{row['train_index']} {row['label']}\nothers: {row['others_predict']}\n"
                        f"margin {row['margin']:+.2f}", fontsize=8, color="C3" if row["margin"] < 0 else "C0")
     fig.suptitle("training images the rest argues against (leave-one-out label margin, lowest first)", fontsize=9)
     _save(fig, path)
+
+
+def _show(axis, image) -> None:
+    """A training image (PIL image or array) in ``axis``, or a note where it is not reachable."""
+    if image is None:
+        axis.text(0.5, 0.5, "image not\nreachable", ha="center", va="center", fontsize=8, color="0.4")
+    else:
+        axis.imshow(np.asarray(image), cmap="gray")
 
 
 def _save(fig, path) -> None:

@@ -262,18 +262,22 @@ class LQFTrainer:
     # ------------------------------------------------------------------------------------- data
     def inputs(self, split: str) -> Dataset:
         """What the model is fed for ``split`` ("train" or "eval"): the cached trunk outputs (items
-        ``(trunk_output, label)``) when ``cache_trunk`` is on, else the dataset itself. Computed once."""
+        ``(trunk_output, label)``) when ``cache_trunk`` is on, else the dataset itself. Computed once; a
+        :class:`TrunkCache` given as the dataset is used as it is."""
         if split not in self._inputs:
             dataset = {"train": self.train_dataset, "eval": self.eval_dataset}[split]
             if dataset is None:
                 raise ValueError("This trainer has no eval_dataset.")
-            if self.args.cache_trunk:
+            if isinstance(dataset, TrunkCache) and not self.args.cache_trunk:
+                raise ValueError(f"The {split} set is a TrunkCache (trunk outputs): it needs cache_trunk=True.")
+            if self.args.cache_trunk and not isinstance(dataset, TrunkCache):
                 args = self.args
                 dataset = cache_trunk_outputs(
                     self.model.to(self.accelerator.device), dataset, self.accelerator, batch_size=args.eval_batch_size,
                     num_workers=args.num_workers, name=split, memory_limit_gb=args.cache_in_memory_gb,
                     spill_dir=self.output_dir / "cache", progress=args.progress,
                 )
+            if isinstance(dataset, TrunkCache):
                 self._check_labels(dataset.labels, split)
             self._inputs[split] = dataset
         return self._inputs[split]

@@ -282,6 +282,30 @@ def test_explain_splits_a_prediction_over_the_rebuilt_training_images(trained, c
     assert (tmp_path / "why" / "digit.png").read_bytes()[:4] == b"\x89PNG"
 
 
+
+def test_explain_without_the_training_images_uses_their_kept_trunk_outputs(trained, capsys, tmp_path, monkeypatch):
+    image = PHOTOS / "camera.png"
+    assert run(capsys, "explain", "--model", str(trained / "model"), str(image), "--output-dir", str(tmp_path / "why"))[0] == 0
+    assert (tmp_path / "why" / "training_trunk.safetensors").exists()
+    first = json.loads((tmp_path / "why" / "explanations.json").read_text())
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("lqf_hub.data.load_image_dataset", unreachable)
+    (tmp_path / "why" / "camera.png").unlink()
+    with pytest.warns(UserWarning, match="not reachable: no network. Using their trunk outputs kept in"):
+        code, out, err = run(capsys, "explain", "--model", str(trained / "model"), str(image), "--output-dir",
+                             str(tmp_path / "why"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "why" / "explanations.json").read_text()) == first  # same indices and scores
+    assert (tmp_path / "why" / "camera.png").read_bytes()[:4] == b"\x89PNG"  # without the training pictures
+    code, _, err = run(capsys, "explain", "--model", str(trained / "model"), str(image), "--output-dir",
+                       str(tmp_path / "elsewhere"))
+    assert code == 2 and "not reachable: no network. Nor are their trunk outputs kept in" in err
+    assert not (tmp_path / "elsewhere" / "explanations.json").exists()
+
+
 def test_explain_training_set_ranks_every_training_image_by_its_leave_one_out_margin(trained, capsys, tmp_path):
     code, out, err = run(capsys, "explain", "--model", str(trained / "model"), "--training-set",
                          "--output-dir", str(tmp_path / "suspects"))

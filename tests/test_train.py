@@ -238,3 +238,26 @@ def test_large_caches_go_to_a_memory_mapped_file_with_the_same_result(tmp_path):
     assert isinstance(trainer.inputs("train").values, __import__("numpy").memmap)
     assert list((tmp_path / "mapped" / "cache").glob("train-*.npy"))
     assert torch.equal(deltas(mapped), deltas(in_memory))
+
+
+def test_a_saved_trunk_cache_round_trips_bit_exactly_and_trains_to_the_same_delta(tmp_path):
+    from lqf_hub.cache import TrunkCache
+
+    data = toy_images(8, seed=15)
+    direct, from_cache = toy_model(), toy_model()
+    trainer = LQFTrainer(direct, data, None, LQFTrainingArguments(output_dir=str(tmp_path / "direct"), method="sgd",
+                                                                  epochs=2, batch_size=8, progress=False))
+    trainer.train()
+    cache = trainer.inputs("train")
+    cache.save(tmp_path / "trunk.safetensors", "this model")
+    kept = TrunkCache.load(tmp_path / "trunk.safetensors", "this model")
+    assert torch.equal(torch.as_tensor(kept.values), torch.as_tensor(cache.values)) and torch.equal(kept.labels, cache.labels)
+    assert kept.fingerprint == cache.fingerprint
+    train(from_cache, kept, tmp_path, "kept", epochs=2)
+    assert torch.equal(deltas(from_cache), deltas(direct))
+    assert TrunkCache.load(tmp_path / "trunk.safetensors", "another model") is None
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "trunk.safetensors").read_bytes()[:100])
+    assert TrunkCache.load(tmp_path / "cut.safetensors", "this model") is None
+    with pytest.raises(ValueError, match="TrunkCache .* needs cache_trunk=True"):
+        LQFTrainer(toy_model(), kept, None, LQFTrainingArguments(output_dir=str(tmp_path / "no"), method="sgd",
+                                                                 cache_trunk=False, progress=False)).inputs("train")
