@@ -240,6 +240,8 @@ class Explainer:
             blocks = hat[own, :, own, :]
         eye = torch.eye(classes, dtype=blocks.dtype, device=blocks.device)
         residuals = torch.linalg.solve(eye - blocks, self.residuals.double().unsqueeze(-1))[..., 0]
+        if isinstance(kernel, RandomFeatures):
+            _warn_if_saturated(float(blocks.diagonal(dim1=-2, dim2=-1).sum()), kernel.train.shape[-1])
         return self._targets().double() - residuals
 
     def label_margins(self, without: Tensor) -> Tensor:
@@ -296,6 +298,17 @@ class Explainer:
         gradients = torch.stack(gradients)
         rows = torch.stack([self.metric.power(g, 1.0) for g in gradients])
         return base.detach(), gradients, rows
+
+
+def _warn_if_saturated(dof: float, projections: int) -> None:
+    """Leave-one-out from k random features is that of a ridge regression on them, whose effective degrees of
+    freedom ``tr A`` cannot exceed k. Near k, the features fit every direction they span and cannot show how
+    much more the model itself fits: each image's own weight ``A_ii`` is underestimated."""
+    if dof > projections / 2:
+        warnings.warn(f"The {projections} random projections are saturated: the model on them has {dof:.0f} "
+                      f"effective degrees of freedom of at most {projections}, so each image's own weight is "
+                      "underestimated and the leave-one-out predictions lean towards the fitted ones. Use more "
+                      "projections (until this number stays well under half of them) or the exact kernel.")
 
 
 def training_images(model: LQFModel) -> tuple:

@@ -1,5 +1,7 @@
 """Attribution and forgetting: the representer split against brute-force kernels, forgetting against retraining."""
 
+import warnings
+
 import pytest
 import torch
 from test_solve import _keys, brute_force, closed_form, metric_of, problem
@@ -230,3 +232,14 @@ def test_random_features_are_kept_in_the_cache_dir_while_what_they_depend_on_is_
     explainer.random_features(6, seed=1, cache_dir=tmp_path)
     Explainer(model, data, metric_of("isotropic", model, z, data.flat), 0.05).random_features(6, cache_dir=tmp_path)
     assert computed == [(6, 0), (6, 1), (6, 0)]  # another seed or prior: computed again
+
+
+@pytest.mark.usefixtures("float64")
+def test_leave_one_out_from_too_few_projections_warns_that_they_are_saturated():
+    model, z, labels, data, metric, _ = solved("isotropic", 1e-4, 1e-10)  # nearly interpolating: dof near N·C = 36
+    explainer = Explainer(model, data, metric, 1e-4)
+    with pytest.warns(UserWarning, match="The 4 random projections are saturated: the model on them has 4 effective"):
+        explainer.leave_one_out(explainer.random_features(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 400 projections of a 36-dimensional kernel: tr A <= 36, far from saturated
+        explainer.leave_one_out(explainer.random_features(400))
