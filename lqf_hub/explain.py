@@ -422,7 +422,7 @@ def plot_suspects(rows: list[dict], images: list, path) -> None:
 
     columns = min(len(rows), 8) or 1
     lines = max(1, math.ceil(len(rows) / columns))
-    fig, axes = plt.subplots(lines, columns, figsize=(1.8 * columns, 2.2 * lines + 0.4), squeeze=False)
+    fig, axes = plt.subplots(lines, columns, figsize=(1.8 * columns, 2.6 * lines + 0.4), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, row, image in zip(axes.flat, rows, images):
