@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--projections", type=int, default=None,
                          help="Fast mode for large training sets: the kernel estimated from this many random projections "
                               "of the training images' gradients (k passes over them, once) instead of the exact one "
-                              "(C passes per image, N·C for --training-set). Default: exact.")
+                              "(C passes per image, N·C for --training-set). Its error shrinks as 1/sqrt(k): read "
+                              "'unexplained' (its error in the sum) and heed a saturation warning. Default: exact.")
     explain.add_argument("--output-dir", default="explain-output",
                          help="JSON and one PNG per image. Default: explain-output.")
 
