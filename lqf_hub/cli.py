@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -543,6 +544,14 @@ def _print_table(record: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    plain = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:  # ours read as the errors do
+        if f"{Path(__file__).parent}" in str(filename):
+            return f"lqf-hub {args.command}: warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
     try:
         return _dispatch(args, argv)
     except KeyboardInterrupt:
@@ -554,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"lqf-hub {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain
 
 
 def _dispatch(args, argv: list[str]) -> int:

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,24 @@ def test_explain_needs_the_record_of_the_training_images(tmp_path, capsys):
     assert main(["train", *TINY, "--method", "sgd", "--epochs", "1", "--no-probe", "--output-dir", str(output)]) == 0
     code, _, err = run(capsys, "explain", "--model", str(output / "model"), str(PHOTOS / "astronaut.png"))
     assert code == 2 and "no record of the images" in err
+
+
+def test_our_warnings_print_as_one_line_like_the_errors(monkeypatch, capsys):
+    import lqf_hub.cli
+    import lqf_hub.explain
+
+    def warns(args, argv):
+        warnings.warn_explicit("the kept trunk outputs are used", UserWarning, lqf_hub.explain.__file__, 1)
+        warnings.warn_explicit("from elsewhere", UserWarning, "/site-packages/other.py", 7)
+        return 0
+
+    monkeypatch.setattr(lqf_hub.cli, "_dispatch", warns)
+    plain = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda *a, **k: sys.stderr.write(warnings.formatwarning(*a[:4]))  # pytest records them
+        assert main(["explain", "--model", "m", "--training-set"]) == 0
+    err = capsys.readouterr().err
+    assert "lqf-hub explain: warning: the kept trunk outputs are used\n" in err
+    assert "/site-packages/other.py:7: UserWarning: from elsewhere" in err  # others keep Python's format
+    assert warnings.formatwarning is plain  # restored
