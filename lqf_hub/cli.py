@@ -414,7 +414,8 @@ def _explain_images(model, explainer, features, raw, files: list[Path], top_k: i
     for path in files:
         with Image.open(path) as image:
             picture = image.convert("RGB")
-        explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)), features=features)
+        explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)), features=features,
+                                        only_predicted=True)  # what the JSON and PNG show: one pass, not C
         top = {kind: explanation.ranked(top_k, supporting=kind == "supporting") for kind in ("supporting", "opposing")}
         row = {"image": str(path), "kernel": _kernel_name(features), "predicted": names[explanation.predicted],
                "output": explanation.output[explanation.predicted].item(),

@@ -141,23 +141,29 @@ class Explainer:
             data, metric = LQFTrainer(model, images, None, arguments).objective()
         return cls(model, data, metric, model.config.ridge)
 
-    def explain(self, trunk_output: Tensor, *, features: RandomFeatures | None = None) -> Explanation:
+    def explain(self, trunk_output: Tensor, *, features: RandomFeatures | None = None,
+                only_predicted: bool = False) -> Explanation:
         """The split of one image's prediction: ``trunk_output [1, ...]`` (``model.encode_trunk`` of the image).
         Exact by default (C backward passes, C forward-mode passes over the training images); with the
         training images' ``features`` (:meth:`random_features`) the kernel is estimated from them instead, at
         the cost of k forward-mode passes of this one image, and :attr:`Explanation.gap` shows the estimate's
-        error in the sum."""
-        data = self.data
+        error in the sum. ``only_predicted``: the split of the predicted class only (one pass over the training
+        images, not C; the other columns of the contributions are NaN)."""
+        data, classes = self.data, self.model.num_classes
+        with torch.no_grad():
+            output = self.model(trunk_output=trunk_output)[0]
+        wanted = [int(output.argmax())] if only_predicted else list(range(classes))
         if features is None:
             base, _, rows = self._jacobian_rows(trunk_output)
-            kernel = torch.stack([data.outputs(row) - data.f0 for row in rows], dim=-1)  # J_i M⁻¹ J(x)ᵀ: [N, C, C]
+            kernel = torch.full((data.count, classes, classes), math.nan, dtype=data.f0.dtype, device=data.f0.device)
+            for c in wanted:
+                kernel[..., c] = data.outputs(rows[c]) - data.f0  # J_i M⁻¹ J(x)ᵀ e_c: [N, C]
         else:
             base = self.model.base_forward(trunk_output=trunk_output)[0]  # f0(x)
             own = self._projected(trunk_output, base[None], features.train.shape[-1], features.seed)[0]  # [C, k]
             kernel = torch.einsum("nkj,cj->nkc", features.train, own)
+            kernel[..., [c for c in range(classes) if c not in wanted]] = math.nan
         contributions = torch.einsum("nkc,nk->nc", kernel.to(self.residuals.dtype), self.residuals)
-        with torch.no_grad():
-            output = self.model(trunk_output=trunk_output)[0]
         return Explanation(base, output, contributions / (data.count * self.ridge))
 
     def random_features(self, projections: int, *, seed: int = 0, progress: bool = False,

@@ -243,3 +243,17 @@ def test_leave_one_out_from_too_few_projections_warns_that_they_are_saturated():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 400 projections of a 36-dimensional kernel: tr A <= 36, far from saturated
         explainer.leave_one_out(explainer.random_features(400))
+
+
+@pytest.mark.usefixtures("float64")
+def test_the_predicted_class_alone_is_the_same_column_of_the_full_split():
+    model, z, labels, data, metric, _ = solved("kfac", 0.05, 1e-10)
+    explainer = Explainer(model, data, metric, 0.05)
+    x = model.encode_trunk(torch.stack([d["pixel_values"] for d in toy_images(2, seed=9)]).double())[:1]
+    for features in (None, explainer.random_features(8)):
+        full = explainer.explain(x, features=features)
+        alone = explainer.explain(x, features=features, only_predicted=True)
+        c = full.predicted
+        torch.testing.assert_close(alone.contributions[:, c], full.contributions[:, c], rtol=1e-12, atol=0)
+        assert alone.contributions[:, [k for k in range(NUM_CLASSES) if k != c]].isnan().all()
+        assert torch.equal(alone.ranked(3)[0], full.ranked(3)[0]) and torch.equal(alone.gap[c], full.gap[c])
