@@ -115,6 +115,78 @@ class RandomFeatures:
             return None
 
 
+def training_images(model: LQFModel) -> tuple:
+    """The images ``model`` was solved on, rebuilt from its card's record, checked against its fingerprint,
+    less any it forgot: ``(raw dataset, transformed dataset)``, aligned with :class:`Explainer`'s indices."""
+    from .cache import content_digests, digests_fingerprint
+    from .data import load_image_dataset, sample_shots, split_validation, with_transform
+
+    summary = model.training_summary or {}
+    source = summary.get("train_data")
+    if summary.get("method") != "solve" or not source:
+        raise CheckpointError("This model has no record of the images it was solved on (it was not made by "
+                              "`lqf-hub train` with --method solve); build lqf_hub.explain.Explainer from its training "
+                              "set instead.")
+    try:
+        raw = load_image_dataset(source["dataset"], source["split"], image_column=source.get("image_column"),
+                                 label_column=source.get("label_column"))
+    except (OSError, ValueError) as err:
+        raise DataUnreachable(f"The training images ({source['dataset']}, {source['split']}) are not reachable: "
+                              f"{err}") from err
+    if source.get("val_fraction"):
+        raw = split_validation(raw, source["val_fraction"], seed=source["seed"])[0]
+    if source.get("shots"):
+        raw = sample_shots(raw, source["shots"], seed=source["seed"])
+    images = with_transform(raw, model.data_config)
+    if digests_fingerprint(content_digests(images)) != source.get("fingerprint"):
+        raise CheckpointError(f"The training images rebuilt from {source['dataset']} ({source['split']}) are not the "
+                              "ones the model was solved on (another dataset version or preprocessing); nothing was "
+                              "computed.")
+    forgotten = set(summary.get("forgotten", {}).get("removed", []))
+    if forgotten:
+        raw = raw.select([i for i in range(len(raw)) if i not in forgotten])
+        images = with_transform(raw, model.data_config)
+    return raw, images
+
+
+TRUNK_FILE = "training_trunk.safetensors"
+
+
+def training_trunk(model: LQFModel, directory: str | Path, *, progress: bool = False) -> tuple:
+    """The trunk outputs of the images ``model`` was solved on, kept in ``directory`` (:data:`TRUNK_FILE`):
+    ``(raw dataset or None, TrunkCache)`` for :meth:`Explainer.from_model`. Computed from
+    :func:`training_images` and kept, or read back while the model is the one they were computed for. Where
+    the images are not reachable, the kept outputs still give every score, by training index, and the raw
+    dataset is None (no pictures); with none kept, :class:`DataUnreachable` says so."""
+    from .cache import TrunkCache
+    from .hub import backbone_sha256
+    from .train import LQFTrainer
+    from .training_args import LQFTrainingArguments
+
+    summary = model.training_summary or {}
+    digest = hashlib.sha256(backbone_sha256(model.checkpoint_state()["base"]).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k != "ridge"}
+    digest.update(json.dumps([config, summary.get("train_data"), summary.get("forgotten")], sort_keys=True,
+                             default=str).encode())
+    path, key = Path(directory) / TRUNK_FILE, digest.hexdigest()
+    try:
+        raw, images = training_images(model)
+    except DataUnreachable as err:
+        kept = TrunkCache.load(path, key)
+        if kept is None:
+            raise DataUnreachable(f"{err}. Nor are their trunk outputs kept in {directory} (an explain of this model "
+                                  "into that directory where they were reachable keeps them); nothing was computed.") from err
+        warnings.warn(f"{err}. Using their trunk outputs kept in {path}: scores by training index, no pictures.")
+        return None, kept
+    kept = TrunkCache.load(path, key)
+    if kept is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            kept = LQFTrainer(model, images, None, LQFTrainingArguments(output_dir=tmp, progress=progress)).inputs("train")
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        kept.save(path, key)
+    return raw, kept
+
+
 class Explainer:
     """Splits an LQF model's predictions over the training images it was solved on.
 
@@ -315,78 +387,6 @@ def _warn_if_saturated(dof: float, projections: int) -> None:
                       f"effective degrees of freedom of at most {projections}, so each image's own weight is "
                       "underestimated and the leave-one-out predictions lean towards the fitted ones. Use more "
                       "projections (until this number stays well under half of them) or the exact kernel.")
-
-
-def training_images(model: LQFModel) -> tuple:
-    """The images ``model`` was solved on, rebuilt from its card's record, checked against its fingerprint,
-    less any it forgot: ``(raw dataset, transformed dataset)``, aligned with :class:`Explainer`'s indices."""
-    from .cache import content_digests, digests_fingerprint
-    from .data import load_image_dataset, sample_shots, split_validation, with_transform
-
-    summary = model.training_summary or {}
-    source = summary.get("train_data")
-    if summary.get("method") != "solve" or not source:
-        raise CheckpointError("This model has no record of the images it was solved on (it was not made by "
-                              "`lqf-hub train` with --method solve); build lqf_hub.explain.Explainer from its training "
-                              "set instead.")
-    try:
-        raw = load_image_dataset(source["dataset"], source["split"], image_column=source.get("image_column"),
-                                 label_column=source.get("label_column"))
-    except (OSError, ValueError) as err:
-        raise DataUnreachable(f"The training images ({source['dataset']}, {source['split']}) are not reachable: "
-                              f"{err}") from err
-    if source.get("val_fraction"):
-        raw = split_validation(raw, source["val_fraction"], seed=source["seed"])[0]
-    if source.get("shots"):
-        raw = sample_shots(raw, source["shots"], seed=source["seed"])
-    images = with_transform(raw, model.data_config)
-    if digests_fingerprint(content_digests(images)) != source.get("fingerprint"):
-        raise CheckpointError(f"The training images rebuilt from {source['dataset']} ({source['split']}) are not the "
-                              "ones the model was solved on (another dataset version or preprocessing); nothing was "
-                              "computed.")
-    forgotten = set(summary.get("forgotten", {}).get("removed", []))
-    if forgotten:
-        raw = raw.select([i for i in range(len(raw)) if i not in forgotten])
-        images = with_transform(raw, model.data_config)
-    return raw, images
-
-
-TRUNK_FILE = "training_trunk.safetensors"
-
-
-def training_trunk(model: LQFModel, directory: str | Path, *, progress: bool = False) -> tuple:
-    """The trunk outputs of the images ``model`` was solved on, kept in ``directory`` (:data:`TRUNK_FILE`):
-    ``(raw dataset or None, TrunkCache)`` for :meth:`Explainer.from_model`. Computed from
-    :func:`training_images` and kept, or read back while the model is the one they were computed for. Where
-    the images are not reachable, the kept outputs still give every score, by training index, and the raw
-    dataset is None (no pictures); with none kept, :class:`DataUnreachable` says so."""
-    from .cache import TrunkCache
-    from .hub import backbone_sha256
-    from .train import LQFTrainer
-    from .training_args import LQFTrainingArguments
-
-    summary = model.training_summary or {}
-    digest = hashlib.sha256(backbone_sha256(model.checkpoint_state()["base"]).encode())
-    config = {k: v for k, v in model.config.to_dict().items() if k != "ridge"}
-    digest.update(json.dumps([config, summary.get("train_data"), summary.get("forgotten")], sort_keys=True,
-                             default=str).encode())
-    path, key = Path(directory) / TRUNK_FILE, digest.hexdigest()
-    try:
-        raw, images = training_images(model)
-    except DataUnreachable as err:
-        kept = TrunkCache.load(path, key)
-        if kept is None:
-            raise DataUnreachable(f"{err}. Nor are their trunk outputs kept in {directory} (an explain of this model "
-                                  "into that directory where they were reachable keeps them); nothing was computed.") from err
-        warnings.warn(f"{err}. Using their trunk outputs kept in {path}: scores by training index, no pictures.")
-        return None, kept
-    kept = TrunkCache.load(path, key)
-    if kept is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            kept = LQFTrainer(model, images, None, LQFTrainingArguments(output_dir=tmp, progress=progress)).inputs("train")
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        kept.save(path, key)
-    return raw, kept
 
 
 def plot_explanation(image, row: dict, train_images: list, path) -> None:
