@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .data import collate
-from .files import atomic_write_bytes
+from .files import load_keyed_tensors, save_keyed_tensors
 from .model import LQFModel
 
 
@@ -39,28 +39,17 @@ class TrunkCache(Dataset):
 
     def save(self, path: str | os.PathLike, key: str) -> None:
         """Write it atomically as safetensors, with ``key`` (a digest of what it was computed from)."""
-        from safetensors.torch import save
-
-        tensors = {"values": torch.from_numpy(np.ascontiguousarray(self.values)), "labels": self.labels.contiguous(),
-                   "digests": self.digests.contiguous()}
-        atomic_write_bytes(path, save(tensors, metadata={"key": key}))
+        save_keyed_tensors(path, {"values": torch.from_numpy(np.ascontiguousarray(self.values)), "labels": self.labels,
+                                  "digests": self.digests}, key)
 
     @classmethod
     def load(cls, path: str | os.PathLike, key: str) -> "TrunkCache | None":
         """The cache saved at ``path`` if it was computed from ``key`` and is whole; None if absent, stale or
         unreadable."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as saved:
-                if (saved.metadata() or {}).get("key") != key:
-                    return None
-                values, labels, digests = (saved.get_tensor(name) for name in ("values", "labels", "digests"))
-        except (OSError, SafetensorError, KeyError, ValueError):
+        saved = load_keyed_tensors(path, key, ("values", "labels", "digests"))
+        if saved is None or not len(saved[0]["values"]) == len(saved[0]["labels"]) == len(saved[0]["digests"]):
             return None
-        if not len(values) == len(labels) == len(digests):
-            return None
-        return cls(values.numpy(), labels, digests)
+        return cls(saved[0]["values"].numpy(), saved[0]["labels"], saved[0]["digests"])
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError, DataUnreachable
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, load_keyed_tensors, save_keyed_tensors
 from .linearize import linearized
 from .model import LQFModel
 from .solve import DataTerm, PriorMetric, inverse_hessian_product
@@ -96,23 +96,13 @@ class RandomFeatures:
 
     def save(self, path: str | Path, key: str) -> None:
         """Write them atomically as safetensors, with ``key`` (a digest of what they were computed from)."""
-        from safetensors.torch import save
-
-        atomic_write_bytes(path, save({"train": self.train.contiguous()}, metadata={"seed": str(self.seed), "key": key}))
+        save_keyed_tensors(path, {"train": self.train}, key, seed=str(self.seed))
 
     @classmethod
     def load(cls, path: str | Path, key: str) -> "RandomFeatures | None":
         """The features saved at ``path`` if they were computed from ``key``; None if absent, stale or unreadable."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "pt") as saved:
-                metadata = saved.metadata() or {}
-                if metadata.get("key") != key:
-                    return None
-                return cls(saved.get_tensor("train"), int(metadata["seed"]))
-        except (OSError, SafetensorError, KeyError, ValueError):
-            return None
+        saved = load_keyed_tensors(path, key, ("train",))
+        return None if saved is None or "seed" not in saved[1] else cls(saved[0]["train"], int(saved[1]["seed"]))
 
 
 def training_images(model: LQFModel) -> tuple:

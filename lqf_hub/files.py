@@ -77,3 +77,27 @@ def _replace_directory(staging: Path, target: Path) -> None:
         os.replace(retired, target)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def save_keyed_tensors(path: str | os.PathLike, tensors: dict, key: str, **metadata: str) -> None:
+    """Tensors written atomically as safetensors with ``key`` (a digest of what they were computed from) in
+    their metadata: a cache that :func:`load_keyed_tensors` reads back only for the same key."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({name: t.contiguous() for name, t in tensors.items()},
+                                  metadata={**metadata, "key": key}))
+
+
+def load_keyed_tensors(path: str | os.PathLike, key: str, names: tuple[str, ...]) -> tuple[dict, dict] | None:
+    """``(tensors, metadata)`` saved at ``path`` by :func:`save_keyed_tensors` with ``key``; None if absent,
+    stale (another key), cut or unreadable — a cache to recompute, never an error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as saved:
+            metadata = saved.metadata() or {}
+            if metadata.get("key") != key:
+                return None
+            return {name: saved.get_tensor(name) for name in names}, metadata
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
