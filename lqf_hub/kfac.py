@@ -82,7 +82,7 @@ def kronecker_inverse_apply(
     return basis_b @ rotated @ basis_a.transpose(-1, -2)
 
 
-def _eigh(matrix: Tensor, name: str) -> tuple[Tensor, Tensor]:
+def symmetric_eigh(matrix: Tensor, name: str) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of symmetric positive semi-definite ``[groups, k, k]`` factors: eigenvalues
     ``[groups, k]`` (clamped at 0) and orthonormal eigenvectors ``[groups, k, k]``, in ``matrix``'s dtype.
 
@@ -113,8 +113,8 @@ def _eigh_qr(matrix: Tensor, name: str) -> tuple[Tensor, Tensor]:
     import scipy.linalg
 
     failure = CurvatureError(
-        f"Could not eigendecompose the K-FAC {name}: LAPACK returned non-finite values even in float64 with "
-        "the QR algorithm. Please report the model and data; meanwhile train with preconditioner='none'."
+        f"Could not eigendecompose the {name}: LAPACK returned non-finite values even in float64 with the QR "
+        "algorithm. Please report the model and data; meanwhile train with preconditioner='none' / prior='isotropic'."
     )
     try:
         pairs = [scipy.linalg.eigh(m, driver="ev") for m in matrix.detach().cpu().numpy()]
@@ -382,8 +382,8 @@ class KFAC:
             b = reduce_sum(block.b_sum) / n  # sum over locations and outputs, mean over samples
             _require_finite(a, f"input factor A of {block.weight}")
             _require_finite(b, f"output-gradient factor B of {block.weight}")
-            eig_a, basis_a = _eigh(a, f"input factor A of {block.weight}")
-            eig_b, basis_b = _eigh(b, f"output-gradient factor B of {block.weight}")
+            eig_a, basis_a = symmetric_eigh(a, f"K-FAC input factor A of {block.weight}")
+            eig_b, basis_b = symmetric_eigh(b, f"K-FAC output-gradient factor B of {block.weight}")
             eig = {"eig_a": eig_a, "basis_a": basis_a, "eig_b": eig_b, "basis_b": basis_b}
             block.eig = {k: v.to(self.dtype) for k, v in eig.items()}
             block.a_sum = block.b_sum = None

@@ -28,19 +28,24 @@ backbone and dataset (λ = 1: the prior weighs as much as the data).
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .solve import DataTerm, KrylovPath, PriorMetric
+from .solve import DataTerm, HeadPath, KrylovPath, PriorMetric
 
 
 SELECTION_TOLERANCE = 3e-2
 """Relative gradient norm of the path's solutions at the grid's smallest λ: scoring needs their predictions,
 not a certificate. On the default task (Fashion-MNIST, 800 + 200 images) every λ's held-out loss was within
 0.02 of its value at 1e-3 once the residual was below 4e-2 — a hundredth of its standard error (≈ 1.4)."""
+
+
+RACE_THRESHOLD = 3.0
+"""A candidate prior is dropped after a fold once its best mean loss exceeds the leader's best by this many
+standard errors of the paired per-image difference (over the images scored so far, the same for both)."""
 
 
 @dataclass
@@ -52,14 +57,18 @@ class PathPoint:
     validation_loss: float  # mean ½‖f_lin(x_i) − α y_i‖² over those predictions
     standard_error: float  # of the mean validation loss (per-image spread / √N)
     residual: float  # the paths' largest estimated relative gradient norm at this λ (on the images they fit)
+    images: int = 0  # how many images were scored: all of them, or fewer for a prior dropped by the race
 
 
 @dataclass
 class Selection:
-    prior: str  # the chosen prior's kind ("kfac" or "isotropic")
+    prior: str  # the chosen prior's kind ("kfac", "isotropic" or "head")
     ridge: float
     paths: dict[str, list[PathPoint]]  # every prior's path, by kind
     iterations: int  # products with G spent on the paths
+    products: dict[str, int] = field(default_factory=dict)  # of them, by prior
+    dropped: dict[str, int] = field(default_factory=dict)  # prior -> folds it ran before the race dropped it
+    warm_start: Tensor | None = field(default=None, repr=False)  # mean of the folds' δ at the choice [P]
 
     @property
     def points(self) -> list[PathPoint]:
@@ -67,7 +76,8 @@ class Selection:
         return self.paths[self.prior]
 
     def to_dict(self) -> dict:
-        return {"prior": self.prior, "ridge": self.ridge, "iterations": self.iterations,
+        return {"prior": self.prior, "ridge": self.ridge, "iterations": self.iterations, "products": self.products,
+                "dropped": self.dropped,
                 "paths": {kind: [asdict(p) for p in points] for kind, points in self.paths.items()}}
 
 
@@ -97,40 +107,106 @@ def stratified_folds(labels: Tensor, keys: Tensor, folds: int, seed: int) -> Ten
     return assignment
 
 
+class _Scores:
+    """Running sums over the scored images for every (prior, λ) ``column``: losses, their cross products (for
+    paired differences between any two columns), correct predictions, the paths' residuals, and the fold
+    solutions (the refit's warm start)."""
+
+    def __init__(self, columns: list[tuple[str, float]]) -> None:
+        self.columns = columns
+        self.index = {column: i for i, column in enumerate(columns)}
+        size = len(columns)
+        self.loss, self.correct = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+        self.cross = torch.zeros(size, size, dtype=torch.float64)  # Σ_i l_ia l_ib
+        self.images = torch.zeros(size, dtype=torch.long)
+        self.residual = torch.zeros(size, dtype=torch.float64)
+        self.solutions: dict[tuple[str, float], Tensor] = {}
+
+    def add_fold(self, held: DataTerm, paths: dict, ridges: list[float]) -> None:
+        """Score ``paths`` (kind -> path) on the held-out images at every λ of ``ridges``."""
+        columns = [(kind, r) for kind in paths for r in ridges]
+        losses, correct = [], []
+        for kind, ridge in columns:
+            delta = paths[kind].solution(ridge)
+            sample_losses, sample_correct = held.sample_scores(delta)
+            losses.append(sample_losses)
+            correct.append(sample_correct.double())
+            self.residual[self.index[kind, ridge]] = max(float(self.residual[self.index[kind, ridge]]),
+                                                         paths[kind].residual(ridge))
+            self.solutions[kind, ridge] = delta + self.solutions.get((kind, ridge), 0)
+        rows = torch.tensor([self.index[c] for c in columns])
+        matrix = torch.stack(losses, 1)  # [n, columns] on this shard
+        local = torch.cat([matrix.sum(0), torch.stack(correct, 1).sum(0), (matrix.T @ matrix).flatten()])
+        total = held.reduce_sum(local.to(held.f0.device)).cpu().double()
+        size = len(columns)
+        self.loss[rows] += total[:size]
+        self.correct[rows] += total[size:2 * size]
+        self.cross[rows[:, None], rows[None, :]] += total[2 * size:].reshape(size, size)
+        self.images[rows] += held.count
+
+    def best(self, kind: str, ridges: list[float]) -> tuple[str, float]:
+        """The column of ``kind``'s lowest mean loss."""
+        return min(((kind, r) for r in ridges), key=lambda c: float(self.loss[self.index[c]]))
+
+    def paired_z(self, a: tuple[str, float], b: tuple[str, float]) -> float:
+        """Mean of ``loss_a − loss_b`` over the images both were scored on, in standard errors."""
+        i, j = self.index[a], self.index[b]
+        n = int(self.images[i])
+        mean = float(self.loss[i] - self.loss[j]) / n
+        squares = float(self.cross[i, i] - 2 * self.cross[i, j] + self.cross[j, j])
+        error = _standard_error(mean * n, squares, n)
+        return math.inf if error == 0 and mean > 0 else 0.0 if error == 0 else mean / error
+
+    def points(self, kind: str, ridges: list[float]) -> list[PathPoint]:
+        points = []
+        for ridge in ridges:
+            i = self.index[kind, ridge]
+            n = int(self.images[i])
+            points.append(PathPoint(ridge, float(self.correct[i]) / n, float(self.loss[i]) / n,
+                                    _standard_error(float(self.loss[i]), float(self.cross[i, i]), n),
+                                    float(self.residual[i]), n))
+        return points
+
+
 def select(
     make_data: Callable[[Tensor], DataTerm], labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
-    ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool,
+    ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool, race: bool = True,
 ) -> Selection:
     """Choose the prior among ``metrics`` and λ among ``ridges`` by ``folds``-fold cross-validation (at most
     one fold per image): ``make_data(indices) -> DataTerm`` over those images; ``keys`` identify the images
-    (see :func:`stratified_folds`)."""
+    (see :func:`stratified_folds`). With ``race``, a prior whose best loss is worse than the leader's by more
+    than ``RACE_THRESHOLD`` paired standard errors after a fold runs no more folds (racing, Maron & Moore
+    1994): it cannot be chosen, and its paths would be the most expensive part of the choice."""
     if len(labels) < 2:
         raise ValueError("Choosing λ or the prior needs at least 2 training images; pass one value in "
                          "`ridge_grid` and prior='kfac' or 'isotropic' instead.")
     folds = min(folds, len(labels))
     assignment = stratified_folds(labels, keys, folds, seed)  # every fold holds images: the deal is balanced
     ridges = sorted(ridges, reverse=True)
-    sums = {(m.kind, r): torch.zeros(3, dtype=torch.float64) for m in metrics for r in ridges}  # Σ loss, Σ loss², Σ correct
-    residuals = dict.fromkeys(sums, 0.0)
-    iterations = 0
+    scores = _Scores([(m.kind, r) for m in metrics for r in ridges])
+    running = {m.kind: m for m in metrics}
+    products = dict.fromkeys(running, 0)
+    dropped: dict[str, int] = {}
     for fold in range(folds):
         held = make_data((assignment == fold).nonzero().flatten())
         fit = make_data((assignment != fold).nonzero().flatten())
-        for metric in metrics:
-            path = KrylovPath(fit, metric, ridges, tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations,
-                              progress=progress, description=f"λ path, {metric.kind} prior, fold {fold + 1}/{folds}")
-            iterations += path.iterations
-            for ridge in ridges:
-                losses, correct = held.sample_scores(path.solution(ridge))
-                local = torch.stack([losses.sum(), losses.square().sum(), correct.double().sum()])
-                sums[metric.kind, ridge] += held.reduce_sum(local).cpu()
-                residuals[metric.kind, ridge] = max(residuals[metric.kind, ridge], path.residual(ridge))
-    n = len(labels)
-    paths = {m.kind: [PathPoint(r, float(sums[m.kind, r][2]) / n, float(sums[m.kind, r][0]) / n,
-                                _standard_error(float(sums[m.kind, r][0]), float(sums[m.kind, r][1]), n),
-                                residuals[m.kind, r]) for r in ridges] for m in metrics}
-    prior, ridge = choose(paths)
-    return Selection(prior, ridge, paths, iterations)
+        paths = {}
+        for kind, metric in running.items():
+            paths[kind] = HeadPath(fit) if kind == "head" else KrylovPath(
+                fit, metric, ridges, tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations,
+                progress=progress, description=f"λ path, {kind} prior, fold {fold + 1}/{folds}")
+            products[kind] += paths[kind].iterations
+        scores.add_fold(held, paths, ridges)
+        if race and len(running) > 1 and fold + 1 < folds:
+            leader = scores.best(min(running, key=lambda k: float(scores.loss[scores.index[scores.best(k, ridges)]])), ridges)
+            for kind in list(running):
+                if kind != leader[0] and scores.paired_z(scores.best(kind, ridges), leader) > RACE_THRESHOLD:
+                    del running[kind]
+                    dropped[kind] = fold + 1
+    paths = {m.kind: scores.points(m.kind, ridges) for m in metrics}
+    prior, ridge = choose({kind: paths[kind] for kind in running})
+    warm = scores.solutions[prior, ridge] / folds
+    return Selection(prior, ridge, paths, sum(products.values()), products, dropped, warm)
 
 
 def _standard_error(total: float, total_of_squares: float, n: int) -> float:
@@ -154,9 +230,13 @@ def plot_path(selection: Selection, path: Path) -> None:
     for kind, points in selection.paths.items():
         ridges = [p.ridge for p in points]
         label = f"{kind} prior" + (" (chosen)" if kind == selection.prior else "")
-        ax_acc.plot(ridges, [100 * p.validation_accuracy for p in points], "o-", label=label)
+        style = "o-"
+        if kind in selection.dropped:
+            label += f" (dropped after {selection.dropped[kind]} fold{'s' * (selection.dropped[kind] > 1)})"
+            style = "o--"
+        ax_acc.plot(ridges, [100 * p.validation_accuracy for p in points], style, label=label)
         ax_loss.errorbar(ridges, [p.validation_loss for p in points], yerr=[p.standard_error for p in points],
-                         fmt="o-", capsize=3, label=label)
+                         fmt=style, capsize=3, label=label)
     for axis in (ax_acc, ax_loss):
         axis.axvline(selection.ridge, color="grey", linestyle="--", label=f"chosen λ = {selection.ridge:.3g}")
         axis.set_xscale("log")

@@ -30,11 +30,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .curvature import gauss_newton_batch
-from .kfac import KFAC
+from .kfac import KFAC, symmetric_eigh
 from .linearize import linearized
 from .model import LQFModel
 
 ReduceSum = Callable[[Tensor], Tensor]
+HEAD_PARAMETERS = ("head.weight", "head.bias")
+"""The new head's parameters, by network name (:class:`~lqf_hub.model.LQFModel` names its classifier ``head``)."""
 
 
 # ------------------------------------------------------------------------------------------ vectors
@@ -63,21 +65,34 @@ def _inner(a: Tensor, b: Tensor) -> float:
 
 # --------------------------------------------------------------------------------------- the metric
 class PriorMetric:
-    """The prior's metric M: identity, or a finalized K-FAC (built with ``ridge=0`` and damping > 0)."""
+    """The prior's metric M: identity, a finalized K-FAC (built with ``ridge=0`` and damping > 0), or the
+    identity on the new head alone (``head_only``: LQF-head, the backbone's δ held at zero).
 
-    def __init__(self, flat: Flat, kfac: KFAC | None = None) -> None:
+    For ``head_only`` every power of M is the projection onto the head's coordinates: the pseudo-inverse
+    convention, under which every solver below works on the head's subspace unchanged.
+    """
+
+    def __init__(self, flat: Flat, kfac: KFAC | None = None, *, head_only: bool = False) -> None:
         if kfac is not None and kfac.ridge != 0:
             raise ValueError("The prior's K-FAC must have ridge=0 (λ scales M separately).")
         if kfac is not None and not kfac.damping > 0:
             raise ValueError("A K-FAC prior needs damping > 0, or M is singular.")
+        if kfac is not None and head_only:
+            raise ValueError("The head-only prior is the identity on the head; it takes no K-FAC.")
         self.flat, self.kfac = flat, kfac
+        self.mask = None
+        if head_only:
+            self.mask = torch.cat([torch.full((size,), float(name in HEAD_PARAMETERS), dtype=flat.dtype,
+                                              device=flat.device) for name, size in zip(flat.names, flat.sizes)])
 
     @property
     def kind(self) -> str:
-        return "isotropic" if self.kfac is None else "kfac"
+        return "head" if self.mask is not None else "isotropic" if self.kfac is None else "kfac"
 
     def power(self, vector: Tensor, exponent: float) -> Tensor:
         """``M^-exponent · v``: ``[P] -> [P]``."""
+        if self.mask is not None:
+            return vector * self.mask
         if self.kfac is None:
             return vector
         parts = {n: t.clone() for n, t in self.flat.unflatten(vector).items()}
@@ -149,6 +164,12 @@ class DataTerm:
         return torch.cat([linearized(self.model.tail_function(self.z[rows]), self.model.linearization_point, deltas)
                           for rows in self._batches()])
 
+    @torch.no_grad()
+    def head_features(self) -> Tensor:
+        """What the new head sees at w0, with a ones column for its bias: ``[n, D + 1]`` (this shard)."""
+        features = torch.cat([self.model.features(trunk_output=self.z[rows]) for rows in self._batches()])
+        return torch.cat([features, features.new_ones(len(features), 1)], dim=1)
+
     def sample_scores(self, delta: Tensor) -> tuple[Tensor, Tensor]:
         """Per sample of this shard, for ``f0 + J·δ``: ½‖f_lin − αy‖² ``[n]`` (float64) and correct ``[n]`` (bool)."""
         out = self.outputs(delta)
@@ -217,6 +238,37 @@ class KrylovPath:
         """``δ_λ = M^-½ Q (T + λI)⁻¹ β₀e₁``: ``[P]``."""
         coefficients = torch.as_tensor(self._coefficients(ridge), dtype=self.basis.dtype, device=self.basis.device)
         return self.metric.power(self.basis.T @ coefficients, 0.5)
+
+
+class HeadPath:
+    """LQF-head's optimum for every λ in closed form, no products with the data: with the backbone's δ at zero
+    the data term is a ridge regression on the head's features ``φ̃_i = [φ_i, 1]`` (``J_i δ = δW φ_i + δb``), so
+    ``(mean_i φ̃_i φ̃_iᵀ + λI) Δ = mean_i φ̃_i r_iᵀ`` with ``r_i = α y_i − f0(x_i)``, for every λ from one
+    eigendecomposition. Same interface as :class:`KrylovPath` (its residuals are rounding only)."""
+
+    iterations = 0
+
+    def __init__(self, data: DataTerm) -> None:
+        features = data.head_features().double()  # [n, D + 1]
+        targets = data.model.config.target_scale * F.one_hot(data.labels, data.model.num_classes).double()
+        gram = data.reduce_sum(features.T @ features) / data.count
+        cross = data.reduce_sum(features.T @ (targets - data.f0.double())) / data.count  # [D + 1, C]
+        self.eigenvalues, self.basis = symmetric_eigh(gram[None], "Gram matrix of the head's features")
+        self.eigenvalues, self.basis = self.eigenvalues[0], self.basis[0]
+        self.projected = self.basis.T @ cross
+        self.flat = data.flat
+
+    def residual(self, ridge: float) -> float:
+        return 0.0
+
+    def solution(self, ridge: float) -> Tensor:
+        """δ with the head's part at its optimum for λ = ``ridge`` and the rest zero: ``[P]``."""
+        coefficients = self.basis @ (self.projected / (self.eigenvalues.clamp_min(0)[:, None] + ridge))  # [D + 1, C]
+        parts = {n: torch.zeros_like(t) for n, t in self.flat.unflatten(self.flat.zeros()).items()}
+        weight, bias = HEAD_PARAMETERS
+        parts[weight] = coefficients[:-1].T.to(self.flat.dtype)
+        parts[bias] = coefficients[-1].to(self.flat.dtype)
+        return self.flat.flatten(parts)
 
 
 # ------------------------------------------------------------------------------------- one λ, certified

@@ -31,7 +31,7 @@ from .loss import data_loss
 from .model import LQFModel
 from .optimum import Selection, plot_path, select
 from .sgd import SGDLoop
-from .solve import DataTerm, Flat, PriorMetric, solve
+from .solve import DataTerm, Flat, HeadPath, PriorMetric, solve
 from .training_args import KFACOutputs, LQFTrainingArguments, Method, Prior
 
 
@@ -122,6 +122,7 @@ class LQFTrainer:
         if selection is None:
             if len(metrics) == 1 and len(args.ridge_grid) == 1:
                 selection = {"prior": args.prior, "ridge": args.ridge_grid[0], "iterations": 0, "paths": {}}
+                warm = None
             else:
                 found = self._select(train_data, list(metrics.values()))
                 selection = found.to_dict()
@@ -131,12 +132,17 @@ class LQFTrainer:
                                   "that end (see path.png).", stacklevel=3)
                 if acc.is_main_process:
                     plot_path(found, self.output_dir / "path.png")
+                warm = found.warm_start
             kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else None
             tensors = {f"kfac/{k}": v for k, v in kfac.state_dict().items()} if kfac is not None else {}
+            if warm is not None:
+                tensors["warm_start"] = warm
             self._checkpoint("selection", TrainerState(0, 0, None, settings, data, [], selection), tensors)
+        else:
+            warm = saved.get("warm_start")
         self.selection = selection
         metric = metrics[selection.get("prior", args.prior)]  # selections saved before priors were chosen lack it
-        start = metric.flat.flatten(dict(model.linearized_parameters)) if args.warm_start else None
+        start = self._refit_start(everything, metric, selection["ridge"], warm)
         delta, certificate = solve(everything, metric, selection["ridge"], tolerance=args.tolerance,
                                    max_iterations=args.max_iterations, start=start, progress=progress)
         with torch.no_grad():
@@ -145,12 +151,22 @@ class LQFTrainer:
         model.config.ridge = selection["ridge"]
         self._start_log()
         record = {"method": Method.SOLVE.value, "prior": metric.kind, "ridge": selection["ridge"],
-                  "path_iterations": selection["iterations"], "train_loss": certificate.objective,
+                  "path_iterations": selection["iterations"], "path_products": selection.get("products", {}),
+                  "dropped_priors": selection.get("dropped", {}), "train_loss": certificate.objective,
                   **{k: v for k, v in certificate.to_dict().items() if k not in ("ridge", "prior", "objective")},
                   "seconds": time.perf_counter() - started}
         if eval_data is not None:
             record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
         self._log(record)
+
+    def _refit_start(self, data: DataTerm, metric: PriorMetric, ridge: float, warm: torch.Tensor | None):
+        """Where the refit starts: the model's δ (``warm_start``), LQF-head's closed form, the mean of the folds'
+        optima at the chosen prior and λ, or zero."""
+        if self.args.warm_start:
+            return metric.flat.flatten(dict(self.model.linearized_parameters))
+        if metric.kind == Prior.HEAD.value:
+            return HeadPath(data).solution(ridge)
+        return None if warm is None else warm.to(metric.flat.device, metric.flat.dtype)
 
     def select(self) -> Selection:
         """Only the choice of the prior and λ: the regularisation paths over ``ridge_grid``, scored by
@@ -178,13 +194,14 @@ class LQFTrainer:
 
     @staticmethod
     def _prior_kinds(prior: str) -> list[str]:
-        return [Prior.KFAC.value, Prior.ISOTROPIC.value] if prior == Prior.AUTO.value else [prior]
+        return [Prior.KFAC.value, Prior.ISOTROPIC.value, Prior.HEAD.value] if prior == Prior.AUTO.value else [prior]
 
     def _priors(self, data: DataTerm, saved: dict[str, torch.Tensor], kinds: list[str]) -> dict[str, PriorMetric]:
         """The metric of each prior in ``kinds``, by kind (K-FAC computed once, or restored from ``saved``)."""
         kfac = self._prior_curvature(data, saved) if Prior.KFAC.value in kinds else None
         flat = Flat(self.model.linearization_point)
-        return {kind: PriorMetric(flat, kfac if kind == Prior.KFAC.value else None) for kind in kinds}
+        return {kind: PriorMetric(flat, kfac if kind == Prior.KFAC.value else None, head_only=kind == Prior.HEAD.value)
+                for kind in kinds}
 
     def _finish(self) -> None:
         """Curves, the model with its training summary, the Hub."""
@@ -207,7 +224,7 @@ class LQFTrainer:
         }
         if args.method == Method.SOLVE.value:  # the certificate
             summary.update({k: final[k] for k in ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound",
-                                                  "iterations", "path_iterations")})
+                                                  "iterations", "path_iterations", "path_products", "dropped_priors")})
             summary.update(damping=args.damping, kfac_outputs=args.kfac_outputs)  # the rest of the objective
             chosen_by = f"{args.validation_folds}-fold cross-validation over the training images"
             summary["ridge_selection"] = chosen_by if len(args.ridge_grid) > 1 else "fixed"

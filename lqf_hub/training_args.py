@@ -20,9 +20,10 @@ class Method(str, enum.Enum):
 
 
 class Prior(str, enum.Enum):
-    AUTO = "auto"  # both below, the one of lower cross-validated loss kept
+    AUTO = "auto"  # the three below, the one of lower cross-validated loss kept
     KFAC = "kfac"  # (λ/2) δᵀMδ with M the damped K-FAC curvature at w0
     ISOTROPIC = "isotropic"  # (λ/2) ‖δ‖²
+    HEAD = "head"  # LQF-head: (λ/2) ‖δ_head‖², the backbone's δ held at zero
 
 
 class Schedule(str, enum.Enum):
@@ -66,8 +67,9 @@ class LQFTrainingArguments:
     prior: str = field(
         default="auto",
         metadata={"help": "Shape of the ridge (λ/2)δᵀMδ of 'solve': 'kfac' (M: K-FAC curvature at w0 with "
-                          "--damping), 'isotropic' (M = I), or 'auto': the one of lower cross-validated loss, "
-                          "chosen with λ.", "choices": Prior},
+                          "--damping), 'isotropic' (M = I), 'head' (LQF-head: M = I on the new head, the backbone "
+                          "kept at w0), or 'auto': the one of lower cross-validated loss, chosen with λ.",
+                  "choices": Prior},
     )
     ridge_grid: list[float] = field(
         default_factory=lambda: [1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1],
@@ -170,7 +172,7 @@ class LQFTrainingArguments:
 def objective_settings(training_summary: dict[str, Any]) -> dict[str, Any]:
     """The training arguments that, with its λ, define a solved model's objective — its prior, damping and
     K-FAC outputs — read from its training summary (the card's record)."""
-    if training_summary.get("prior") not in (Prior.KFAC.value, Prior.ISOTROPIC.value):
+    if training_summary.get("prior") not in (Prior.KFAC.value, Prior.ISOTROPIC.value, Prior.HEAD.value):
         raise ValueError("The model's card does not record the prior it was solved with: only models trained "
                          "with method='solve' can be explained or made to forget.")
     return {"prior": training_summary["prior"],

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from lqf_hub.errors import CurvatureError
-from lqf_hub.kfac import KFAC, _eigh
+from lqf_hub.kfac import KFAC, symmetric_eigh
 
 pytestmark = pytest.mark.usefixtures("float64")  # every tensor of these tests is float64
 
@@ -85,7 +85,7 @@ def test_eigendecomposition_falls_back_when_lapack_does_not_converge(monkeypatch
         raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", fails)
-    eigenvalues, vectors = _eigh(matrix, "test factor")
+    eigenvalues, vectors = symmetric_eigh(matrix, "test factor")
     assert eigenvalues.dtype == vectors.dtype == torch.float32
     reconstructed = vectors[0] @ torch.diag(eigenvalues[0]) @ vectors[0].T
     torch.testing.assert_close(reconstructed, matrix[0], rtol=1e-5, atol=1e-4)
@@ -106,7 +106,7 @@ def test_nan_eigenvalues_returned_without_an_error_fall_back_to_the_qr_algorithm
 
 
 def test_zero_factor_gives_zero_eigenvalues_and_an_orthonormal_basis():
-    eigenvalues, vectors = _eigh(torch.zeros(2, 5, 5), "test factor")
+    eigenvalues, vectors = symmetric_eigh(torch.zeros(2, 5, 5), "test factor")
     assert torch.equal(eigenvalues, torch.zeros(2, 5))
     torch.testing.assert_close(vectors.mT @ vectors, torch.eye(5).expand(2, 5, 5), rtol=0, atol=1e-15)
 
@@ -134,7 +134,7 @@ def test_near_singular_float32_factor_of_tiny_gradients():
     """Like the output-gradient factor that broke eigh on real data: float32, rank 20 of 300, tiny entries."""
     rows = torch.randn(300, 20, generator=torch.Generator().manual_seed(7))
     matrix = (rows @ rows.T * 1e-10).float().unsqueeze(0)
-    eigenvalues, vectors = _eigh(matrix, "test factor")
+    eigenvalues, vectors = symmetric_eigh(matrix, "test factor")
     assert eigenvalues.dtype == vectors.dtype == torch.float32
     assert torch.isfinite(eigenvalues).all() and torch.isfinite(vectors).all()
     assert (eigenvalues >= 0).all()

@@ -2,6 +2,7 @@
 the artifact."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -37,10 +38,12 @@ def test_prior_and_ridge_are_chosen_by_cross_validation_and_reported(tmp_path):
     record = solve(model, data, tmp_path, eval_data=test, ridge_grid=[1.0, 0.1, 0.01, 0.001], dataset_name="toy")
     state = json.loads((tmp_path / "run" / "checkpoints" / "selection" / "trainer_state.json").read_text())
     paths = state["selection"]["paths"]
-    assert sorted(paths) == ["isotropic", "kfac"]
+    assert sorted(paths) == ["head", "isotropic", "kfac"]
     assert all([p["ridge"] for p in path] == [1.0, 0.1, 0.01, 0.001] for path in paths.values())
-    assert paths["kfac"] != paths["isotropic"]  # two objectives, scored on the same folds
-    prior = min(paths, key=lambda kind: min(p["validation_loss"] for p in paths[kind]))  # the rule, by hand
+    assert paths["kfac"] != paths["isotropic"] != paths["head"]  # three objectives, scored on the same folds
+    finalists = {kind: path for kind, path in paths.items() if kind not in state["selection"]["dropped"]}
+    assert all(p["images"] == 30 for path in finalists.values() for p in path)
+    prior = min(finalists, key=lambda kind: min(p["validation_loss"] for p in paths[kind]))  # the rule, by hand
     best = min(paths[prior], key=lambda p: p["validation_loss"])
     chosen = max(p["ridge"] for p in paths[prior] if p["validation_loss"] <= best["validation_loss"] + best["standard_error"])
     assert (record["prior"], record["ridge"]) == (prior, chosen) == (state["selection"]["prior"], state["selection"]["ridge"])
@@ -120,6 +123,9 @@ def test_cross_validation_scores_are_the_refits_without_each_fold(monkeypatch):
         assert point.standard_error == pytest.approx(float(losses.std() / len(labels) ** 0.5), rel=1e-6)
         assert point.validation_accuracy == pytest.approx(float(correct.double().mean()))
         losses_of[point.ridge] = losses
+        if point.ridge == selection.ridge:  # the refit starts from the mean of the folds' optima at the choice
+            folds_mean = sum(closed_form(j[rows != f], residual[rows != f], point.ridge, metric) for f in range(3)) / 3
+            assert (selection.warm_start - folds_mean).norm() / folds_mean.norm() < 1e-8
     best = min(losses_of, key=lambda r: float(losses_of[r].mean()))
     margin = float(losses_of[best].std()) / len(labels) ** 0.5
     assert selection.ridge == max(r for r in losses_of if float(losses_of[r].mean()) <= float(losses_of[best].mean()) + margin)
@@ -140,7 +146,7 @@ def test_standard_error_is_the_textbook_one():
 def test_select_alone_scores_the_grid_and_writes_nothing(tmp_path):
     args = LQFTrainingArguments(method="solve", progress=False, output_dir=str(tmp_path / "out"), ridge_grid=[1.0, 0.1])
     selection = LQFTrainer(toy_model(torch.float32), toy_images(30, seed=3), None, args).select()
-    assert sorted(selection.paths) == ["isotropic", "kfac"] and selection.points == selection.paths[selection.prior]
+    assert sorted(selection.paths) == ["head", "isotropic", "kfac"] and selection.points == selection.paths[selection.prior]
     assert all([p.ridge for p in points] == [1.0, 0.1] for points in selection.paths.values())
     assert selection.ridge in (1.0, 0.1)
     assert all(0 <= p.validation_accuracy <= 1 and p.standard_error > 0 for p in selection.points)
@@ -159,3 +165,58 @@ def test_a_choice_at_the_end_of_the_grid_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match="at an end of `ridge_grid`"):
         record = solve(toy_model(torch.float32), toy_images(30, seed=3), tmp_path, prior="isotropic", ridge_grid=grid)
     assert record["ridge"] == 1e6
+
+
+@pytest.mark.parametrize("threshold", [-math.inf, math.inf])
+def test_the_race_drops_priors_after_a_fold_and_keeps_what_they_scored(monkeypatch, threshold):
+    """At threshold −∞ every prior but the leader stops after the first fold (its path keeps that fold's
+    scores and products); at +∞ the race never drops one."""
+    from test_solve import _keys, metric_of, problem
+
+    monkeypatch.setattr(optimum, "RACE_THRESHOLD", threshold)
+    model, z, labels = problem(15)
+    keys = _keys(len(labels))
+    flat = Flat(model.linearization_point)
+    metrics = [metric_of(kind, model, z, flat) for kind in ("kfac", "isotropic", "head")]
+    selection = select(lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=4), labels, keys,
+                       metrics, [1.0, 0.01], folds=3, seed=0, max_iterations=30, progress=False)
+    first = int((stratified_folds(labels, keys, 3, seed=0) == 0).sum())
+    images = {kind: {p.images for p in path} for kind, path in selection.paths.items()}
+    if threshold == math.inf:
+        assert selection.dropped == {} and all(n == {15} for n in images.values())
+    else:
+        assert sorted(selection.dropped.values()) == [1, 1] and selection.prior not in selection.dropped
+        assert images[selection.prior] == {15} and all(images[k] == {first} for k in selection.dropped)
+    assert selection.products["head"] == 0 and selection.products["kfac"] > 0 and selection.products["isotropic"] > 0
+    assert selection.iterations == sum(selection.products.values())
+
+
+def test_paired_z_is_the_paired_t_statistic():
+    """The race's statistic from running sums equals the textbook paired one from per-image losses."""
+    generator = torch.Generator().manual_seed(0)
+    losses = {("a", 1.0): torch.rand(9, generator=generator, dtype=torch.float64),
+              ("b", 1.0): torch.rand(9, generator=generator, dtype=torch.float64)}
+
+    class Held:
+        count, f0 = 9, torch.zeros(1)
+        reduce_sum = staticmethod(lambda t: t)
+
+        @staticmethod
+        def sample_scores(delta):
+            return losses[("a", 1.0) if float(delta[0]) == 0 else ("b", 1.0)], torch.ones(9, dtype=torch.bool)
+
+    class Path:
+        def __init__(self, value):
+            self.value = value
+
+        def solution(self, ridge):
+            return torch.full((2,), self.value)
+
+        def residual(self, ridge):
+            return 0.0
+
+    scores = optimum._Scores(list(losses))
+    scores.add_fold(Held, {"a": Path(0.0), "b": Path(1.0)}, [1.0])
+    difference = losses["a", 1.0] - losses["b", 1.0]
+    expected = float(difference.mean() / (difference.std() / 3))
+    assert scores.paired_z(("a", 1.0), ("b", 1.0)) == pytest.approx(expected, rel=1e-10)

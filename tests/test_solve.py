@@ -6,7 +6,7 @@ from test_train import NUM_CLASSES, toy_images, toy_model
 from torch.func import jacrev
 
 from lqf_hub.kfac import KFAC
-from lqf_hub.solve import DataTerm, Flat, KrylovPath, PriorMetric, certify, solve
+from lqf_hub.solve import DataTerm, Flat, HeadPath, KrylovPath, PriorMetric, certify, solve
 
 pytestmark = pytest.mark.usefixtures("float64")  # every tensor of these tests is float64
 
@@ -36,6 +36,8 @@ def brute_force(model, z, labels):
 def metric_of(prior: str, model, z, flat) -> PriorMetric:
     if prior == "isotropic":
         return PriorMetric(flat)
+    if prior == "head":
+        return PriorMetric(flat, head_only=True)
     kfac = KFAC(model.linearization_point, model.linearized_parameters, ridge=0.0, damping=0.3)
     for batch in z.split(8):
         kfac.accumulate(model.tail_function(batch), batch.shape[0])
@@ -52,7 +54,8 @@ def setup(prior: str, batch_size: int):
 
 
 def closed_form(j, residual, ridge, metric) -> torch.Tensor:
-    """(JᵀJ + NλM)⁻¹Jᵀ(αY − F0), in its dual form M⁻¹Jᵀ(JM⁻¹Jᵀ + NλI)⁻¹(αY − F0) (P is large, N·C small)."""
+    """(JᵀJ + NλM)⁻¹Jᵀ(αY − F0), in its dual form M⁻¹Jᵀ(JM⁻¹Jᵀ + NλI)⁻¹(αY − F0) (P is large, N·C small);
+    for the head-only prior M⁻¹ is the projection onto the head, and this is the head's ridge regression."""
     n = j.shape[0] // NUM_CLASSES
     m_inverse_jt = torch.stack([metric.power(row, 1.0) for row in j], dim=1)  # [P, N·C]
     return m_inverse_jt @ torch.linalg.solve(j @ m_inverse_jt + n * ridge * torch.eye(j.shape[0]), residual)
@@ -146,3 +149,29 @@ def test_sampled_prior_depends_on_the_set_of_images_only():
     assert reference.keys() == shuffled.keys()
     for name, value in reference.items():
         torch.testing.assert_close(shuffled[name], value, rtol=1e-9, atol=1e-12)
+
+
+def test_head_path_is_lqf_head_in_closed_form_at_every_ridge():
+    """LQF-head (the backbone's δ held at zero) from the features' eigendecomposition equals the brute-force
+    ridge on the head's columns of J, for every λ, without a product with the data."""
+    j, residual, data, metric = setup("head", batch_size=7)
+    path = HeadPath(data)
+    head = metric.mask.bool()
+    assert path.iterations == 0 and 0 < int(head.sum()) < len(head)
+    for ridge in (10.0, 0.1, 1e-3):
+        delta = path.solution(ridge)
+        expected = closed_form(j, residual, ridge, metric)
+        assert torch.equal(delta[~head], torch.zeros_like(delta[~head])) and torch.equal(expected[~head], delta[~head])
+        assert (delta - expected).norm() / expected.norm() < 1e-9
+
+
+def test_the_head_prior_is_solved_and_certified_on_the_head_alone():
+    j, residual, data, metric = setup("head", batch_size=8)
+    ridge = 0.05
+    delta, certificate = solve(data, metric, ridge, tolerance=1e-10)
+    expected = HeadPath(data).solution(ridge)
+    assert (delta - expected).norm() / expected.norm() < 1e-8 and certificate.prior == "head"
+    assert bool((delta[~metric.mask.bool()] == 0).all())
+    warm, again = solve(data, metric, ridge, tolerance=1e-10, start=expected)
+    assert again.iterations == 1  # the closed form needs only the certificate's product
+    assert again.objective == pytest.approx(objective(j, residual, ridge, metric, expected), rel=1e-10)
