@@ -116,7 +116,7 @@ class LQFTrainer:
         args, acc, model = self.args, self.accelerator, self.model
         started = time.perf_counter()
         progress = args.progress and acc.is_main_process
-        everything = self._data_term(train_data, None)
+        everything = self.data_term()
         metrics = self._priors(everything, saved, self._prior_kinds(args.prior))
         selection = resumed.selection if resumed is not None else None
         if selection is None:
@@ -172,9 +172,7 @@ class LQFTrainer:
         """Only the choice of the prior and λ: the regularisation paths over ``ridge_grid``, scored by
         cross-validation over the training images (no refit, nothing written). For studies of settings on
         validation data."""
-        train_data = self.inputs("train")
-        metrics = self._priors(self._data_term(train_data, None), {}, self._prior_kinds(self.args.prior))
-        return self._select(train_data, list(metrics.values()))
+        return self._select(self.inputs("train"), list(self.priors().values()))
 
     def objective(self) -> tuple[DataTerm, PriorMetric]:
         """The data term over all training images and the prior's metric: the objective 'solve' minimises (at
@@ -183,12 +181,26 @@ class LQFTrainer:
         if prior == Prior.AUTO.value:
             raise ValueError("With prior='auto' the objective is known once train() has chosen the prior; "
                              "train first, or pass the model's prior ('kfac' or 'isotropic').")
-        data = self._data_term(self.inputs("train"), None)
-        return data, self._priors(data, {}, [prior])[prior]
+        return self.data_term(), self.priors(prior)[prior]
+
+    def data_term(self, rows: torch.Tensor | None = None) -> DataTerm:
+        """The data term of the objective over the training images ``rows`` (default all), each process
+        holding its shard of them."""
+        cache, acc = self.inputs("train"), self.accelerator
+        values, labels, keys = ((cache.values, cache.labels, cache.digests) if rows is None else
+                                (cache.values[rows.numpy()], cache.labels[rows], cache.digests[rows]))
+        return DataTerm(self.model, values, labels, keys, batch_size=self.args.eval_batch_size,
+                        reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"), rank=acc.process_index,
+                        world=acc.num_processes)
+
+    def priors(self, prior: str | None = None) -> dict[str, PriorMetric]:
+        """The metric of ``prior`` (default ``args.prior``; "auto": every prior it chooses from), by kind,
+        built from all the training images."""
+        return self._priors(self.data_term(), {}, self._prior_kinds(prior or self.args.prior))
 
     def _select(self, train_data: TrunkCache, metrics: list[PriorMetric]) -> Selection:
         args = self.args
-        return select(lambda rows: self._data_term(train_data, rows), train_data.labels, train_data.digests,
+        return select(self.data_term, train_data.labels, train_data.digests,
                       metrics, args.ridge_grid, folds=args.validation_folds, seed=args.seed,
                       max_iterations=args.max_iterations, progress=args.progress and self.accelerator.is_main_process)
 
@@ -343,15 +355,6 @@ class LQFTrainer:
                 kfac.accumulate(model.tail_function(z), z.shape[0], keys)
             kfac.finalize(lambda t: acc.reduce(t.to(acc.device), "sum"))
         return kfac
-
-    def _data_term(self, cache: TrunkCache, rows: torch.Tensor | None) -> DataTerm:
-        """The data term of the objective over the cached rows ``rows`` (default all), sharded over processes."""
-        acc = self.accelerator
-        values, labels, keys = ((cache.values, cache.labels, cache.digests) if rows is None else
-                                (cache.values[rows.numpy()], cache.labels[rows], cache.digests[rows]))
-        return DataTerm(self.model, values, labels, keys, batch_size=self.args.eval_batch_size,
-                        reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum"), rank=acc.process_index,
-                        world=acc.num_processes)
 
     # ------------------------------------------------------------------------------ persistence
     def _load_resume(self, settings: str) -> tuple[dict[str, torch.Tensor], TrainerState | None]:

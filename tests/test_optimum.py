@@ -72,6 +72,18 @@ def test_the_rule_takes_the_prior_of_lowest_loss_then_the_largest_ridge_within_o
     assert choose({"kfac": path(3.0, 3.5, 3.9), "isotropic": path(5.1, 4.9, 4.0)}) == ("kfac", 100.0)
 
 
+def test_priors_the_loss_cannot_tell_apart_are_decided_by_the_out_of_fold_error():
+    def path(accuracy, *losses):
+        return [PathPoint(ridge, accuracy, loss, 1.0, 0.0) for ridge, loss in zip([100.0, 10.0, 1.0], losses)]
+
+    paths = {"kfac": path(0.70, 9.0, 6.0, 4.5), "isotropic": path(0.60, 5.1, 4.9, 4.0), "head": path(0.9, 9, 9, 9)}
+    assert choose(paths) == ("isotropic", 10.0)  # the loss alone
+    assert choose(paths, tied=["kfac"]) == ("kfac", 1.0)  # tied in loss: fewer errors at its own λ
+    assert choose(paths, tied=["isotropic"]) == ("isotropic", 10.0)  # the leader itself: nothing changes
+    paths["kfac"] = path(0.60, 9.0, 6.0, 4.5)
+    assert choose(paths, tied=["kfac"]) == ("isotropic", 10.0)  # equal errors: the leader
+
+
 def test_resume_after_the_selection_gives_the_same_optimum(tmp_path):
     data = toy_images(20, seed=5)
     first = toy_model()
@@ -122,6 +134,8 @@ def test_cross_validation_scores_are_the_refits_without_each_fold(monkeypatch):
         assert point.validation_loss == pytest.approx(float(losses.mean()), rel=1e-8)
         assert point.standard_error == pytest.approx(float(losses.std() / len(labels) ** 0.5), rel=1e-6)
         assert point.validation_accuracy == pytest.approx(float(correct.double().mean()))
+        per_class = [float(correct[labels == c].double().mean()) for c in labels.unique()]
+        assert point.validation_balanced_accuracy == pytest.approx(sum(per_class) / len(per_class))
         losses_of[point.ridge] = losses
         if point.ridge == selection.ridge:  # the refit starts from the mean of the folds' optima at the choice
             folds_mean = sum(closed_form(j[rows != f], residual[rows != f], point.ridge, metric) for f in range(3)) / 3
@@ -198,7 +212,8 @@ def test_paired_z_is_the_paired_t_statistic():
               ("b", 1.0): torch.rand(9, generator=generator, dtype=torch.float64)}
 
     class Held:
-        count, f0 = 9, torch.zeros(1)
+        count, f0, labels = 9, torch.zeros(1), torch.arange(9) % 3
+        model = type("Model", (), {"num_classes": 3})
         reduce_sum = staticmethod(lambda t: t)
 
         @staticmethod
