@@ -228,8 +228,11 @@ def run_train(args) -> dict[str, Any]:
     result = {"model": args.model, "dataset": args.dataset, "method": training.method,
               "train_samples": len(train_data), "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"],
               "test_loss": final["eval_loss"]}
-    solved = ("ridge", "relative_gradient_norm", "suboptimality_bound", "iterations", "path_iterations", "seconds")
+    solved = ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound", "iterations", "path_iterations",
+              "path_products", "dropped_priors", "seconds")
     result.update({k: final[k] for k in (solved if "ridge" in final else ("epoch", "learning_rate"))})
+    if "ridge" in final:
+        result["selection"] = model.training_summary.get("selection", [])
     if not args.no_probe:
         result["probe_accuracy"] = probe_accuracy(trainer.features("train"), trainer.features("eval"), len(names))
     if state.is_main_process:

@@ -241,6 +241,11 @@ class LQFTrainer:
             chosen_by = f"{args.validation_folds}-fold cross-validation over the training images"
             summary["ridge_selection"] = chosen_by if len(args.ridge_grid) > 1 else "fixed"
             summary["prior_selection"] = chosen_by if args.prior == Prior.AUTO.value else "fixed"
+            summary["selection"] = [
+                {"prior": kind, **{k: point[k] for k in ("ridge", "validation_accuracy", "validation_loss",
+                                                          "standard_error", "images")},
+                 "chosen": (kind, point["ridge"]) == (self.selection["prior"], self.selection["ridge"])}
+                for kind, path in self.selection.get("paths", {}).items() for point in path]
         else:
             summary.update({"epochs": final["epoch"], "learning_rate": final["learning_rate"]})
         if self.train_source is not None:

@@ -54,6 +54,11 @@ def test_prior_and_ridge_are_chosen_by_cross_validation_and_reported(tmp_path):
     assert saved.training_summary["prior_selection"].startswith("5-fold cross-validation")
     card = ModelCard.load(tmp_path / "run" / "model" / "README.md").text
     assert "suboptimality_bound" in card and "relative_gradient_norm" in card and "prior_selection" in card
+    rows = saved.training_summary["selection"]  # every prior's path, in the card too
+    picked = [r for r in rows if r["chosen"]]
+    assert len(rows) == 12 and [(r["prior"], r["ridge"]) for r in picked] == [(prior, chosen)]
+    assert picked[0]["validation_loss"] == next(p["validation_loss"] for p in paths[prior] if p["ridge"] == chosen)
+    assert "How the prior and λ were chosen" in card and f"| **{prior}** | **{chosen}** |" in card
 
 
 def test_a_fixed_prior_runs_one_path_per_fold(tmp_path):
