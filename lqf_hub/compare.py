@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -95,8 +96,11 @@ class CompareSettings:
 
     dataset: str = _field("fashion-mnist", "Dataset: a built-in name, a local directory or a Hub dataset id.")
     model: str = _field("tf_efficientnet_lite0", "Backbone: a timm name or a Hugging Face repo id.")
+    weights: str | None = _field(None, "Base weights for a timm model: a .safetensors state dict or a legacy "
+                                 "EfficientNet-Lite .pth (unset: the pretrained ones).")
     image_size: int | None = _field(64, "Input resolution (unset: the model's own).")
-    shots: list[int] = _field([2, 5, 10], "Training images per class, one sweep point each (>= 2).")
+    shots: list[int] = _field([2, 5, 10], "Training images per class, one sweep point each (>= 2; 0: all the "
+                              "training images).")
     seeds: list[int] = _field([0, 1, 2], "Seeds: each draws its own training images (and held-out part).")
     test_per_class: int = _field(50, "Test images per class, one stratified subset for every run (0: the whole split).")
     methods: list[str] = _field(list(METHODS), f"Methods to run, from: {', '.join(METHODS)}.")
@@ -120,9 +124,16 @@ class CompareSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
-        if not self.shots or min(self.shots) < 2:
-            raise ValueError(f"`shots` must all be >= 2, got {self.shots}: with one image per class none can be held "
-                             "out to choose hyperparameters on validation data.")
+        if not self.shots or any(s < 0 or s == 1 for s in self.shots):
+            raise ValueError(f"`shots` must all be >= 2 (or 0: all the training images), got {self.shots}: with one "
+                             "image per class none can be held out to choose hyperparameters on validation data, "
+                             "for fine-tuning's learning rate or LQF's prior and λ alike.")
+        if self.weights is not None:
+            if "/" in self.model:
+                raise ValueError(f"`weights` replace a timm model's pretrained weights; {self.model!r} is a Hugging "
+                                 "Face repo id (its weights are the repo's).")
+            if not os.path.isfile(self.weights):
+                raise ValueError(f"`weights` {self.weights} does not exist.")
         if not self.seeds:
             raise ValueError("`seeds` must hold at least one seed.")
         if not 0 < self.validation_fraction < 1:
@@ -136,7 +147,7 @@ class CompareSettings:
 
     def data_fingerprint(self) -> str:
         """What every run in one output directory must share: the data, the backbone, the test images."""
-        return _digest({k: getattr(self, k) for k in DATA_FIELDS})
+        return _digest({k: getattr(self, k) for k in DATA_FIELDS if k not in LATER_DATA_FIELDS or getattr(self, k)})
 
     def method_fingerprint(self, name: str) -> str:
         """What makes a run of method ``name`` current: its definition and the grids it chooses from. Changing
@@ -151,7 +162,8 @@ def _digest(value: dict) -> str:
 
 
 # what decides the draws and the test images, and what each kind of method chooses with (besides its Method)
-DATA_FIELDS = ("dataset", "model", "image_size", "test_per_class", "image_column", "label_column")
+LATER_DATA_FIELDS = ("weights",)  # left out of the fingerprint while unset: runs written before they existed stay current
+DATA_FIELDS = ("dataset", "model", "weights", "image_size", "test_per_class", "image_column", "label_column")
 METHOD_FIELDS = {
     "solve": ("linearize",),  # λ by cross-validation over all the training images: no held-out part
     "sgd": ("linearize", "validation_fraction", "sgd_epochs"),
@@ -169,6 +181,12 @@ PRESETS = {
     # 1e-4-1 the probe took the top on 16 of 18 (2026-12-04). The ablations make the sweep about three times
     # longer: the preset runs the contenders a user chooses between, `--methods` adds the ablations.
     "cpu": CompareSettings(methods=["fine-tuning", "linear-probe", "lqf", "lqf-head"]),
+    # 2 cores at the default job's 128 px (4x the pixels of 'cpu'): 5-100 shots, fine-tuning's grid narrowed to the
+    # learning rates chosen on 27 of the 30 committed fine-tuning runs (all six at 100 shots chose 0.01 or 0.03;
+    # benchmarks/results/compare/*/runs.jsonl), so that one dataset's sweep fits a working day (the 100-shot
+    # fine-tuning runs dominate: 3 rates x 10 epochs of 1000 images per seed)
+    "cpu128": CompareSettings(image_size=128, shots=[5, 20, 100], methods=["fine-tuning", "linear-probe", "lqf", "lqf-head"],
+                              ft_learning_rates=[0.01, 0.03, 0.1]),
     # one GPU: the model's own resolution, the paper's shot range, the whole test split, wider grids
     "gpu": CompareSettings(image_size=None, shots=[2, 5, 10, 20, 50, 100], test_per_class=0,
                            ft_learning_rates=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3], ft_augmentations=["timm", "none"],
@@ -210,7 +228,7 @@ def run_comparison(settings: CompareSettings, output_dir: str | Path, *, progres
     if not todo:
         write_report(settings, runs, output, command)
         return runs
-    backbone = backbone_from_name(settings.model)
+    backbone = _backbone(settings)
     data_config = dict(backbone.data_config)
     if settings.image_size:
         data_config["input_size"] = [data_config["input_size"][0], settings.image_size, settings.image_size]
@@ -227,6 +245,7 @@ def run_comparison(settings: CompareSettings, output_dir: str | Path, *, progres
             for name in methods:
                 bar.set_postfix_str(f"{name}, {shots} shots, seed {seed}")
                 run = {"method": name, "shots": shots, "seed": seed, "data": settings.data_fingerprint(),
+                       "images_per_class": len(draw.train) / draw.num_classes,
                        "settings": settings.method_fingerprint(name),
                        **_run_method(METHODS[name], draw, settings),
                        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -266,6 +285,15 @@ def load_runs(output: Path, settings: CompareSettings) -> list[dict]:
     return runs
 
 
+def _backbone(settings: CompareSettings):
+    """The pretrained backbone of the comparison, with ``settings.weights`` in place of timm's where given."""
+    if settings.weights:
+        from .adapters.timm import timm_backbone
+
+        return timm_backbone(settings.model, checkpoint_path=settings.weights)
+    return backbone_from_name(settings.model)
+
+
 def _key(method: str, shots: int, seed: int) -> str:
     return f"{method}/{shots}/{seed}"
 
@@ -283,9 +311,9 @@ def _load_splits(settings: CompareSettings) -> tuple[datasets.Dataset, datasets.
 
 
 def _draw(train_full, test_items: list[dict], shots: int, seed: int, fraction: float, data_config: dict) -> Draw:
-    train = sample_shots(train_full, shots, seed=seed)
+    train = sample_shots(train_full, shots, seed=seed) if shots else train_full
     items = _decoded(train, data_config)
-    labels = torch.as_tensor(label_array(train))
+    labels = torch.tensor(label_array(train))  # a copy: Arrow gives a read-only array
     fit, held = stratified_split(labels, content_digests(items), fraction, seed)
     return Draw(shots, seed, train, items, test_items, fit.numpy(), held.numpy(), len(class_names(train)), data_config)
 
@@ -330,7 +358,7 @@ def _lqf_trainer(method: Method, draw: Draw, settings: CompareSettings, rows: np
                  output_dir: str, **training) -> LQFTrainer:
     """An LQF trainer on ``train[rows]`` (all: None) evaluating on ``train[eval_rows]`` (None: the test images)."""
     config = {**({"linearize": linearize_from_text(settings.linearize)} if settings.linearize else {}), **method.config}
-    model = LQFModel.from_backbone(backbone_from_name(settings.model), draw.num_classes, LQFConfig(**config))
+    model = LQFModel.from_backbone(_backbone(settings), draw.num_classes, LQFConfig(**config))
     model.set_image_size(draw.data_config["input_size"][-1])
     evaluation = draw.test_items if eval_rows is None else draw.items(eval_rows)
     args = LQFTrainingArguments(output_dir=output_dir, seed=draw.seed, progress=False,
@@ -391,7 +419,7 @@ def _run_probe(method: Method, draw: Draw, settings: CompareSettings) -> dict:
 
 def _run_fine_tuning(method: Method, draw: Draw, settings: CompareSettings) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = backbone_from_name(settings.model)
+    backbone = _backbone(settings)
     backbone.network.to(device)
 
     def train(rows: np.ndarray | None, candidate: dict):

@@ -16,6 +16,15 @@ BASELINE = "fine-tuning"
 ABLATIONS = ("lqf-relu", "lqf-leaky", "lqf-cross-entropy", "lqf-no-kfac", "lqf-kfac-prior")
 
 
+def shot_order(shots: int) -> float:
+    """Sort key of a shot count: 0 (all the training images) last."""
+    return math.inf if shots == 0 else shots
+
+
+def shots_text(shots: int) -> str:
+    return "all images" if shots == 0 else f"{shots} shots"
+
+
 def summarize(runs: list[dict]) -> dict[str, dict[int, dict]]:
     """``{method: {shots: {"error", "sd", "n", "seconds", "relative", "errors" (by seed)}}}``; failed runs count as
     missing. ``relative`` is mean error / fine-tuning's mean error − 1 (None without fine-tuning)."""
@@ -25,7 +34,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[int, dict]]:
     table: dict[str, dict[int, dict]] = {}
     for method, by_shots in grouped.items():
         table[method] = {}
-        for shots, group in sorted(by_shots.items()):
+        for shots, group in sorted(by_shots.items(), key=lambda item: shot_order(item[0])):
             finished = [r for r in group if not math.isnan(r["error"])]
             errors = [r["error"] for r in finished]
             table[method][shots] = {
@@ -33,6 +42,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[int, dict]]:
                 "error": statistics.mean(errors) if errors else math.nan,
                 "sd": statistics.stdev(errors) if len(errors) > 1 else math.nan,
                 "seconds": statistics.mean(r["seconds"] for r in group),
+                "images_per_class": statistics.mean(r.get("images_per_class", shots) for r in group),
             }
     for method in table:
         for shots, cell in table[method].items():
@@ -55,7 +65,7 @@ def paired_difference(table: dict, method: str, other: str, shots: int) -> tuple
 
 def targets(table: dict) -> list[str]:
     """The issue's targets, each checked on the numbers (met / missed, with the evidence)."""
-    shots = sorted({s for cells in table.values() for s in cells})
+    shots = sorted({s for cells in table.values() for s in cells}, key=shot_order)
     lines = []
 
     def verdict(ok: bool) -> str:
@@ -69,15 +79,15 @@ def targets(table: dict) -> list[str]:
         return f"; paired difference {100 * found[0]:+.1f} ± {100 * found[1]:.1f} points (n={found[2]}){noise}"
 
     if "lqf" in table and BASELINE in table:
-        many = [s for s in shots if s >= 100 and s in table["lqf"] and s in table[BASELINE]]
+        many = [s for s in shots if shot_order(s) >= 100 and s in table["lqf"] and s in table[BASELINE]]
         if many:
             for s in many:
                 rel = table["lqf"][s]["relative"]
-                lines.append(f"- ≥ 100 shots, LQF within 5% relative error of fine-tuning: {s} shots "
+                lines.append(f"- ≥ 100 shots, LQF within 5% relative error of fine-tuning: {shots_text(s)} "
                              f"{verdict(rel is not None and rel <= 0.05)} ({_percent(rel)}{diff_text('lqf', BASELINE, s)})")
         else:
             lines.append("- ≥ 100 shots, LQF within 5% relative error of fine-tuning: not run (no shot count ≥ 100)")
-        for s in [s for s in shots if s <= 10 and s in table["lqf"] and s in table[BASELINE]]:
+        for s in [s for s in shots if shot_order(s) <= 10 and s in table["lqf"] and s in table[BASELINE]]:
             rel = table["lqf"][s]["relative"]
             lines.append(f"- ≤ 10 shots, LQF at least as good as fine-tuning: {s} shots "
                          f"{verdict(rel is not None and rel <= 0)} ({_percent(rel)}{diff_text('lqf', BASELINE, s)})")
@@ -118,7 +128,7 @@ def markdown(settings, runs: list[dict], command: str | None = None) -> str:
     from .compare import METHODS
 
     table = summarize(runs)
-    shots = sorted({r["shots"] for r in runs})
+    shots = sorted({r["shots"] for r in runs}, key=shot_order)
     seeds = sorted({r["seed"] for r in runs})
     methods = [m for m in METHODS if m in table]
     size = f"{settings.image_size} px" if settings.image_size else "its own resolution"
@@ -133,7 +143,7 @@ def markdown(settings, runs: list[dict], command: str | None = None) -> str:
         "included. Every hyperparameter was chosen on the training images only: the prior and λ of the solved LQF "
         "variants by the solver's cross-validation over them, the others on a held-out part "
         f"({settings.validation_fraction:.0%} per class); the test images were read once per final model.", "",
-        "| method | " + " | ".join(f"{s} shots" for s in shots) + " |",
+        "| method | " + " | ".join(shots_text(s) for s in shots) + " |",
         "|---|" + "---:|" * len(shots),
     ]
     for method in methods:
@@ -162,10 +172,10 @@ def markdown(settings, runs: list[dict], command: str | None = None) -> str:
               "its grid, which may then be too narrow.", "",
               "| method | shots | seed | chosen | test error % | seconds |", "|---|---:|---:|---|---:|---:|"]
     for run in sorted(runs, key=lambda r: (methods.index(r["method"]) if r["method"] in methods else 99,
-                                           r["shots"], r["seed"])):
+                                           shot_order(r["shots"]), r["seed"])):
         chosen = ", ".join(f"{k}={v}" for k, v in run.get("chosen", {}).items()) or run.get("failed", "")
         chosen += " (grid edge)" if at_grid_edge(run) else ""
-        lines.append(f"| {run['method']} | {run['shots']} | {run['seed']} | {chosen} | {100 * run['error']:.1f} | "
+        lines.append(f"| {run['method']} | {run['shots'] or 'all'} | {run['seed']} | {chosen} | {100 * run['error']:.1f} | "
                      f"{run['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -182,7 +192,8 @@ def plot(runs: list[dict], title: str, path: Path) -> None:
     table = summarize(runs)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in [m for m in METHODS if m in table]:
-        cells = sorted((s, c) for s, c in table[method].items() if c["n"])
+        cells = sorted(((c["images_per_class"], c) for c in table[method].values() if c["n"]),  # "all": at its mean
+                       key=lambda point: point[0])
         style = "-" if method in ("lqf", BASELINE, "linear-probe") else "--"
         ax.errorbar([s for s, _ in cells], [100 * c["error"] for _, c in cells],
                     yerr=[0 if math.isnan(c["sd"]) else 100 * c["sd"] for _, c in cells],

@@ -6,11 +6,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .adapters.spec import BackboneSpec, known_fields
+from .adapters.spec import BackboneSpec, check_field_types, known_fields
 
 FORMAT_VERSION = 2
 """Version of the saved config / checkpoint layout; a newer one is refused on load, older ones are converted
 (1: the backbone was a loose dict; see ``hub._backbone_from_v1``)."""
+
+MIN_IMAGE_SIZE = 16
+"""Smallest input side ``LQFModel.set_image_size`` accepts: below it a 32×-strided backbone sees less than a pixel."""
 
 
 class Activation(str, enum.Enum):
@@ -85,6 +88,7 @@ class LQFConfig:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.backbone, dict):  # from JSON
             self.backbone = BackboneSpec.from_dict(self.backbone)
         for f in dataclasses.fields(self):
@@ -97,8 +101,6 @@ class LQFConfig:
             raise ValueError(f"`target_scale` must be > 0, got {self.target_scale}.")
         if not self.ridge >= 0:
             raise ValueError(f"`ridge` must be >= 0, got {self.ridge}.")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
-            raise TypeError(f"`num_classes` must be an int, got {self.num_classes!r}.")
         if self.num_classes < 0:
             raise ValueError(f"`num_classes` must be >= 1, got {self.num_classes}.")
         if self.head_init == HeadInit.ZEROS.value and self.linearize != "head":

@@ -195,10 +195,28 @@ def _load_local(path: str, split: str) -> datasets.Dataset:
             raise MissingSplit(f"{path} holds a single split; it is used as 'train'.")
         return loaded
     if (Path(path) / split).is_dir():  # train/ test/ ... each with one folder per class
-        return datasets.load_dataset("imagefolder", data_dir=str(Path(path) / split), split="train")
+        return _image_folder(Path(path) / split)
     if split != "train" or (Path(path) / "test").is_dir():
         raise MissingSplit(f"{path} has no {split}/ folder.")
-    return datasets.load_dataset("imagefolder", data_dir=path, split="train")
+    return _image_folder(Path(path))
+
+
+def _image_folder(directory: Path) -> datasets.Dataset:
+    """An imagefolder (one sub-folder of images per class), refused when fewer than two class folders hold images:
+    ``datasets`` would then infer no label column at all."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with_images = [f.name for f in folders if any(p.suffix.lower() in extensions for p in f.rglob("*") if p.is_file())]
+    if folders and len(with_images) < 2:
+        empty = [f.name for f in folders if f.name not in with_images]
+        found = f"only in {with_images[0]!r}" if with_images else "in none of its class folders"
+        raise ValueError(
+            f"{directory}: images were found {found}; a classifier needs at least two classes, one folder of "
+            f"images each" + (f" (no images in {', '.join(map(repr, empty))})." if empty else ".")
+        )
+    return datasets.load_dataset("imagefolder", data_dir=str(directory), split="train")
 
 
 def _standard_columns(dataset, image_column: str | None, label_column: str | None, source: str) -> datasets.Dataset:

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import safetensors
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -161,11 +162,26 @@ def locate_checkpoint(
 
 
 def _is_lqf_config(path: Path) -> bool:
+    return data.get("library") == "lqf-hub" if isinstance(data := _read_json(path), dict) else False
+
+
+def _read_json(path: Path) -> Any:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("library") == "lqf-hub"
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable: it is not valid JSON ({err}).") from None
+
+
+def check_exists_or_repo_id(name_or_path: str | os.PathLike) -> None:
+    """Raise CheckpointError when ``name_or_path`` is neither an existing path nor a valid Hub repo id (``./nope``),
+    so that users read "does not exist" rather than the Hub's repo-id naming rule."""
+    if Path(name_or_path).exists():
+        return
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        raise CheckpointError(
+            f"{name_or_path} does not exist (and is not a Hub repo id such as 'user/model').") from None
 
 
 def resolve_files(
@@ -179,6 +195,7 @@ def resolve_files(
             if not path.is_file():
                 raise CheckpointError(f"{source} is not an lqf-hub checkpoint: {path.name} is missing.")
         return config, weights
+    check_exists_or_repo_id(source)
     kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
                   force_download=force_download)
     return _download(str(source), CONFIG_FILE, kwargs), _download(str(source), WEIGHTS_FILE, kwargs)
@@ -230,10 +247,7 @@ def load_checkpoint(model_class: type["LQFModel"], source: str | os.PathLike, **
 
 def read_config(path: Path) -> tuple[dict[str, Any], LQFConfig]:
     """The checkpoint's config.json, validated (older formats converted), and the LQFConfig in it."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}).") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or data.get("library") != "lqf-hub":
         raise CheckpointError(f"{path} was not written by lqf-hub (no \"library\": \"lqf-hub\").")
     version = data.get("format_version")

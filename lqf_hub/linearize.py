@@ -12,6 +12,8 @@ Cost per step, in units of one forward pass: primal 1 + tangent 2 (each linear l
 """
 
 import contextlib
+import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -36,11 +38,22 @@ def linearized(call: NetworkCall, w0: Mapping[str, Tensor], deltas: Mapping[str,
 
     The gradient of the result w.r.t. each δ is ``Jᵀ·grad_output`` evaluated at w0.
     """
+    _load_jvp_decompositions()
     with fwAD.dual_level(), _autocast_tangent_dtypes(), _skip_tangent_saves():
         point = point_parameters(w0, deltas)
         duals = {n: fwAD.make_dual(p, deltas[n].detach()) for n, p in point.items()}
         primal, tangent = fwAD.unpack_dual(call(duals))
     return primal if tangent is None else primal + tangent.detach()
+
+
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Load what forward-mode AD loads on its first dual tensor, without the ``torch.jit.script is deprecated``
+    FutureWarning that torch's own module raises there (``torch._decomp.decompositions_for_jvp`` scripts its
+    decompositions): users cannot act on it. Other warnings pass, and the module is then cached."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
 def nonlinear(call: NetworkCall, w0: Mapping[str, Tensor], deltas: Mapping[str, Tensor]) -> Tensor:

@@ -21,7 +21,7 @@ from torch.func import functional_call
 from . import hub
 from .activations import ActivationMode, count_relu_modules
 from .adapters import NECK, STEM, Backbone, backbone_from_spec
-from .config import Activation, HeadInit, LQFConfig
+from .config import MIN_IMAGE_SIZE, Activation, HeadInit, LQFConfig
 from .linearize import NetworkCall, forward_mode_attention, linearized, nonlinear
 
 
@@ -258,8 +258,15 @@ class LQFModel(nn.Module):
     def set_image_size(self, size: int) -> None:
         """Train and predict at ``size`` x ``size`` pixels (recorded in checkpoints); not for fixed-size models."""
         channels, height, width = self.data_config["input_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+            raise ValueError(f"The image size must be an int >= {MIN_IMAGE_SIZE} pixels, got {size!r}.")
         if self._fixed_input_size and (height, width) != (size, size):
             raise ValueError(f"This backbone needs {height}x{width} inputs; it cannot run at {size}x{size}.")
+        try:  # one blank image: strided stems and windowed attention fail on some small sizes
+            with torch.no_grad():
+                self(pixel_values=torch.zeros(1, channels, size, size))
+        except RuntimeError as err:
+            raise ValueError(f"This backbone cannot run at {size}x{size} pixels ({err}); choose a larger size.") from None
         self.data_config["input_size"] = [channels, size, size]
 
     def train(self, mode: bool = True) -> "LQFModel":

@@ -112,6 +112,10 @@ def _save_dataset_without_labels(path: Path) -> None:
         (["--model", "efficientnet_lite7"], "Unknown timm model 'efficientnet_lite7'"),
         (["--output-dir", "{foreign}"], "exists and was not written by lqf-hub; choose another or pass --overwrite"),
         (["--augment"], "--augment needs --method sgd"),
+        (["--model", "./nope"], "./nope does not exist (and is not a Hub repo id"),
+        (["--model", "{badjson}"], "config.json is unreadable: it is not valid JSON"),
+        (["--dataset", "{oneclass}"], "images were found only in 'cat'; a classifier needs at least two classes, "
+                                      "one folder of images each (no images in 'dog')."),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(argv, message, capsys, tmp_path, fake_hub):
@@ -119,8 +123,15 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, capsys, tmp_pat
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
     _save_dataset_without_labels(tmp_path / "nolabels")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "config.json").write_text("{not json")
+    for name in ("cat", "dog"):
+        (tmp_path / "oneclass" / name).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "oneclass" / "cat" / "0.png")
+    (tmp_path / "oneclass" / "dog" / "notes.txt").write_text("no images yet")
     capsys.readouterr()
-    argv = [a.format(foreign=foreign, nolabels=tmp_path / "nolabels") for a in argv]
+    argv = [a.format(foreign=foreign, nolabels=tmp_path / "nolabels", badjson=tmp_path / "badjson",
+                     oneclass=tmp_path / "oneclass") for a in argv]
     output = ["--output-dir", str(tmp_path / "out")] if "--output-dir" not in argv else []
     before = sorted(p.name for p in tmp_path.iterdir())
     code, out, err = run(capsys, "train", *TINY, *output, *argv)
@@ -128,6 +139,35 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, capsys, tmp_pat
     assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("size", ["0", "8", "-3", "big"])
+def test_image_size_below_what_a_backbone_can_take_is_refused(size, capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["train", "--image-size", size])
+    assert exit_code.value.code == 2
+    assert "argument --image-size: must be" in capsys.readouterr().err
+
+
+def test_eval_of_a_path_that_does_not_exist(capsys):
+    code, _, err = run(capsys, "eval", "--model", "./nope")
+    assert code == 2 and err == "lqf-hub eval: error: ./nope does not exist (and is not a Hub repo id such as 'user/model').\n"
+
+
+def test_convert_takes_any_efficientnet_lite(capsys, tmp_path):
+    code, _, err = run(capsys, "convert", "--architecture", "tf_efficientnet_lite2", "--output", str(tmp_path / "w"))
+    assert code == 2 and "No legacy checkpoint of tf_efficientnet_lite2 is installed" in err and "--input" in err
+    code, _, err = run(capsys, "convert", "--architecture", "resnet50", "--output", str(tmp_path / "w"))
+    assert code == 2 and "--architecture must be one of tf_efficientnet_lite0" in err
+
+
+def test_a_run_prints_no_deprecation_warning_from_torch():
+    """torch's forward-mode AD scripts its decompositions on first use (a FutureWarning users cannot act on)."""
+    script = ("import torch; from lqf_hub import LQFModel; "
+              "m = LQFModel.from_timm('tf_efficientnet_lite0', 3, LQFConfig(linearize='last:1')); "
+              "m(pixel_values=torch.zeros(1, 3, 32, 32))").replace("LQFModel;", "LQFConfig, LQFModel;")
+    done = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_debug_shows_the_traceback(capsys):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lqf_hub.cache import content_digests
-from lqf_hub.compare import METHODS, RUNS_FILE, SUPERSEDED_FILE, CompareSettings, _choose, _decoded, _draw, _load_splits, \
-    load_runs, run_comparison, stratified_split
+from lqf_hub.compare import DATA_FIELDS, METHODS, PRESETS, RUNS_FILE, SUPERSEDED_FILE, CompareSettings, _backbone, \
+    _choose, _decoded, _digest, _draw, _load_splits, load_runs, run_comparison, stratified_split
 from lqf_hub.compare_report import markdown, paired_difference, summarize, targets
 from lqf_hub.cli import main
 
@@ -143,6 +143,46 @@ def test_settings_refuse_one_shot_and_unknown_methods():
         CompareSettings(methods=["lqf", "magic"])
     with pytest.raises(ValueError, match="ft_augmentations"):
         CompareSettings(ft_augmentations=["mixup"])
+
+
+def test_all_training_images_is_shots_zero_drawn_whole_and_reported_last(tmp_path):
+    settings = CompareSettings(**{**TINY, "shots": [0, 3]})
+    train_full, test = _load_splits(settings)
+    train_full = train_full.select(range(40))
+    from lqf_hub.adapters import backbone_from_name
+
+    config = {**backbone_from_name(settings.model).data_config, "input_size": [3, 32, 32]}
+    draw = _draw(train_full, _decoded(test, config), 0, 0, settings.validation_fraction, config)
+    assert len(draw.train) == 40 and sorted(draw.fit.tolist() + draw.held.tolist()) == list(range(40))
+    runs = [{**_run(m, s, 0, 0.1), "images_per_class": 500 if s == 0 else s} for m in ("fine-tuning", "lqf")
+            for s in (0, 100)]
+    text = markdown(CompareSettings(), runs)
+    assert "| method | 100 shots | all images |" in text
+    assert "≥ 100 shots, LQF within 5% relative error of fine-tuning: all images met" in text
+
+
+def test_settings_check_the_base_weights_and_the_presets(tmp_path):
+    with pytest.raises(ValueError, match="`weights` .*missing.safetensors does not exist"):
+        CompareSettings(weights=str(tmp_path / "missing.safetensors"))
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a Hugging Face repo id"):
+        CompareSettings(model="google/vit-base-patch16-224", weights=str(tmp_path / "w.safetensors"))
+    assert PRESETS["cpu128"].image_size == 128 and 100 in PRESETS["cpu128"].shots
+    # unset weights leave the fingerprint of runs written before the option existed
+    assert CompareSettings().data_fingerprint() == _digest(
+        {k: getattr(CompareSettings(), k) for k in DATA_FIELDS if k != "weights"})
+
+
+def test_the_base_weights_file_replaces_the_pretrained_weights(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp_path / "w.safetensors")
+    backbone = _backbone(CompareSettings(weights=str(tmp_path / "w.safetensors")))
+    mine = dict(backbone.network.named_parameters())
+    assert torch.equal(mine["conv_stem.weight"], network.conv_stem.weight)
+    assert not torch.equal(_backbone(CompareSettings()).network.conv_stem.weight, network.conv_stem.weight)
 
 
 def test_markdown_names_every_method_and_shot_count():

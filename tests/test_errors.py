@@ -100,6 +100,22 @@ def test_fixed_size_backbone_rejects_other_sizes():
         model(torch.nn.functional.interpolate(x, size=48))
 
 
+@pytest.mark.parametrize("size, message", [(0, "must be an int >= 16 pixels, got 0"), ("64", "got '64'"),
+                                           (True, "got True")])
+def test_image_size_is_checked(size, message):
+    model, _ = build("timm-resnet", dtype=torch.float32)
+    with pytest.raises(ValueError, match=message):
+        model.set_image_size(size)
+    assert model.data_config["input_size"] == [3, 160, 160]  # unchanged
+
+
+def test_an_image_size_the_backbone_cannot_run_at_is_refused_before_use():
+    model, _ = build("timm-convnext", dtype=torch.float32)  # 32x downsampling, then a 2x2 kernel: 20 px is too few
+    with pytest.raises(ValueError, match=r"This backbone cannot run at 20x20 pixels \(Calculated padded input size"):
+        model.set_image_size(20)
+    assert model.data_config["input_size"][-1] != 20
+
+
 def test_exactly_one_input():
     model, x = build("timm-resnet", dtype=torch.float32)
     with pytest.raises(ValueError, match="exactly one of `pixel_values` and `trunk_output`"):

@@ -5,6 +5,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import pickle
 import shutil
 import stat
@@ -304,6 +305,35 @@ def test_locate_checkpoint_on_the_hub(fake_hub, saved):
     assert locate_checkpoint("alice/private-lqf", token=token) == "alice/private-lqf"
     assert locate_checkpoint("alice/other", token=token) is None
     assert locate_checkpoint("alice/missing", token=token) is None
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("config", "num_classes"), "ten", "`num_classes` must be int, got 'ten'"),
+    (("config", "seed"), "0", "`seed` must be int, got '0'"),
+    (("config", "target_scale"), "15", "`target_scale` must be float, got '15'"),
+    (("config", "leaky_slope"), None, "`leaky_slope` must be float, got None"),
+    (("config", "id2label"), ["a"], "`id2label` must be dict"),
+    (("config", "backbone", "num_features"), "96", "`num_features` must be int, got '96'"),
+    (("config", "backbone", "source", "repo_id"), 7, "`repo_id` must be str | None, got 7"),
+])
+def test_every_config_field_has_its_type_checked_on_load(saved, path, value, message):
+    def change(config):
+        for key in path[:-1]:
+            config = config[key]
+        config[path[-1]] = value
+
+    _edit_config(saved, change)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        LQFModel.from_pretrained(saved)
+
+
+def test_unreadable_config_and_a_path_that_does_not_exist(saved, tmp_path):
+    (saved / CONFIG_FILE).write_text("{not json")
+    for load in (LQFModel.from_pretrained, locate_checkpoint):
+        with pytest.raises(CheckpointError, match="config.json is unreadable: it is not valid JSON"):
+            load(saved)
+    with pytest.raises(CheckpointError, match=r"^\./nope does not exist \(and is not a Hub repo id"):
+        LQFModel.from_pretrained("./nope")
 
 
 def test_bad_dtype_in_config(saved):

