@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub.baselines import linear_probe
+from lqf_hub.compare.baselines import linear_probe
 from lqf_hub.data import class_names, label_array, load_image_dataset, sample_shots, with_transform
-from lqf_hub.solve import HeadPath
+from lqf_hub.solver.solve import HeadPath
 
 DEFAULT_IMAGE_SIZE = 128
 CONFIG_KEYS = {"linearize", "activation", "target_scale", "head_init"}

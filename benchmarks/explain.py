@@ -40,12 +40,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, load_image_dataset, sample_shots, with_transform
-from lqf_hub.explain import Explainer, RandomFeatures, training_images
+from lqf_hub import (
+    LQFConfig,
+    LQFModel,
+    LQFTrainer,
+    LQFTrainingArguments,
+    load_image_dataset,
+    sample_shots,
+    with_transform,
+)
+from lqf_hub.analysis.explain import Explainer, RandomFeatures, training_images
+from lqf_hub.analysis.forget import forget
 from lqf_hub.files import atomic_write_text
-from lqf_hub.forget import forget
-from lqf_hub.linearize import linearized
-from lqf_hub.solve import DataTerm, solve
+from lqf_hub.modeling.linearize import linearized
+from lqf_hub.solver.solve import DataTerm, solve
 
 
 def build_model(args) -> LQFModel:

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub.cache import TrunkCache
-from lqf_hub.curvature import gauss_newton_batch
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
-from lqf_hub.kfac import KFAC
-from lqf_hub.optimum import SELECTION_TOLERANCE, _standard_error, select, stratified_folds
-from lqf_hub.solve import solve
+from lqf_hub.solver.curvature import gauss_newton_batch
+from lqf_hub.solver.kfac import KFAC
+from lqf_hub.solver.selection import SELECTION_TOLERANCE, select, stratified_folds
+from lqf_hub.solver.solve import solve
+from lqf_hub.training.cache import TrunkCache
 
 MODEL, IMAGE_SIZE, SHOTS = "tf_efficientnet_lite0", 128, 100
 

@@ -27,7 +27,7 @@ from torch.func import functional_call, jvp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lqf_hub import LQFConfig, LQFModel
-from lqf_hub.linearize import forward_mode_attention
+from lqf_hub.modeling.linearize import forward_mode_attention
 
 NUM_CLASSES = 10
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, TrainingDiverged
-from lqf_hub.baselines import accuracy, fine_tune, probe_accuracy
+from lqf_hub.compare.baselines import accuracy, fine_tune, probe_accuracy
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(LQFConfig)}

@@ -5,7 +5,14 @@
 """
 
 from lqf_hub import (
-    LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, class_names, load_image_dataset, sample_shots, with_transform,
+    LQFConfig,
+    LQFModel,
+    LQFTrainer,
+    LQFTrainingArguments,
+    class_names,
+    load_image_dataset,
+    sample_shots,
+    with_transform,
 )
 
 

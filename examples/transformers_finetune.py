@@ -11,7 +11,14 @@ ConvNeXt from its config (random weights) to show the same code path without dow
 import argparse
 
 from lqf_hub import (
-    LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, class_names, load_image_dataset, sample_shots, with_transform,
+    LQFConfig,
+    LQFModel,
+    LQFTrainer,
+    LQFTrainingArguments,
+    class_names,
+    load_image_dataset,
+    sample_shots,
+    with_transform,
 )
 
 

@@ -81,7 +81,7 @@ def _replace_directory(staging: Path, target: Path) -> None:
 
 def save_keyed_tensors(path: str | os.PathLike, tensors: dict, key: str, **metadata: str) -> None:
     """Tensors written atomically as safetensors with ``key`` (a digest of what they were computed from) in
-    their metadata: a cache that :func:`load_keyed_tensors` reads back only for the same key."""
+    their metadata: a cache that ``load_keyed_tensors`` reads back only for the same key."""
     from safetensors.torch import save
 
     atomic_write_bytes(path, save({name: t.contiguous() for name, t in tensors.items()},
@@ -89,7 +89,7 @@ def save_keyed_tensors(path: str | os.PathLike, tensors: dict, key: str, **metad
 
 
 def load_keyed_tensors(path: str | os.PathLike, key: str, names: tuple[str, ...]) -> tuple[dict, dict] | None:
-    """``(tensors, metadata)`` saved at ``path`` by :func:`save_keyed_tensors` with ``key``; None if absent,
+    """``(tensors, metadata)`` saved at ``path`` by ``save_keyed_tensors`` with ``key``; None if absent,
     stale (another key), cut or unreadable — a cache to recompute, never an error."""
     from safetensors import SafetensorError, safe_open
 

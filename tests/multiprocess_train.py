@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from test_train import deltas, toy_images, toy_model
 
 from lqf_hub import LQFTrainer, LQFTrainingArguments
-from lqf_hub.train import process_state
+from lqf_hub.training.trainer import process_state
 
 if __name__ == "__main__":
     out, output_dir, method = sys.argv[1:4]

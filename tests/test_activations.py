@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from lqf_hub.activations import ActivationMode, leaky_relu6
-from lqf_hub.config import Activation
 from torch.func import functional_call
 
-from lqf_hub.linearize import linearized
+from lqf_hub.config import Activation
+from lqf_hub.modeling.activations import ActivationMode, leaky_relu6
+from lqf_hub.modeling.linearize import linearized
 
 SLOPE = 0.1
 

@@ -12,7 +12,13 @@ from timm.data import create_transform
 
 from lqf_hub import LQFConfig, LQFModel
 from lqf_hub.adapters import (
-    ADAPTERS, BackboneSpec, WeightsSource, backbone_from_name, backbone_from_source, get_adapter, library_of,
+    ADAPTERS,
+    BackboneSpec,
+    WeightsSource,
+    backbone_from_name,
+    backbone_from_source,
+    get_adapter,
+    library_of,
 )
 from lqf_hub.adapters.efficientnet_lite import convert_legacy_state_dict, embedded_checkpoint
 from lqf_hub.adapters.timm import timm_backbone

@@ -5,7 +5,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from lqf_hub.baselines import accuracy, fine_tune, linear_probe, probe_accuracy
+from lqf_hub.compare.baselines import accuracy, fine_tune, linear_probe, probe_accuracy
 
 
 def test_linear_probe_matches_scikit_learn_logistic_regression():

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from lqf_hub import LQFModel
 from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint, load_legacy_checkpoint
-from lqf_hub.baselines import accuracy
 from lqf_hub.cli import main
+from lqf_hub.compare.baselines import accuracy
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 
 # The default job, scaled to seconds: same model and pipeline, fewer images, smaller inputs.
@@ -406,11 +406,11 @@ def test_explain_needs_the_record_of_the_training_images(tmp_path, capsys):
 
 
 def test_our_warnings_print_as_one_line_like_the_errors(monkeypatch, capsys):
+    import lqf_hub.analysis.explain
     import lqf_hub.cli
-    import lqf_hub.explain
 
     def warns(args, argv):
-        warnings.warn_explicit("the kept trunk outputs are used", UserWarning, lqf_hub.explain.__file__, 1)
+        warnings.warn_explicit("the kept trunk outputs are used", UserWarning, lqf_hub.analysis.explain.__file__, 1)
         warnings.warn_explicit("from elsewhere", UserWarning, "/site-packages/other.py", 7)
         return 0
 

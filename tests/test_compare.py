@@ -6,11 +6,26 @@ import math
 import pytest
 import torch
 
-from lqf_hub.cache import content_digests
-from lqf_hub.compare import DATA_FIELDS, METHODS, PRESETS, RUNS_FILE, SUPERSEDED_FILE, CompareSettings, _backbone, \
-    _choose, _decoded, _digest, _draw, _load_splits, load_runs, run_comparison, stratified_split
-from lqf_hub.compare_report import markdown, paired_difference, summarize, targets
 from lqf_hub.cli import main
+from lqf_hub.compare.report import markdown, paired_difference, summarize, targets
+from lqf_hub.compare.runner import (
+    DATA_FIELDS,
+    METHODS,
+    PRESETS,
+    RUNS_FILE,
+    SUPERSEDED_FILE,
+    CompareSettings,
+    _backbone,
+    _choose,
+    _decoded,
+    _digest,
+    _draw,
+    _load_splits,
+    load_runs,
+    run_comparison,
+    stratified_split,
+)
+from lqf_hub.training.cache import content_digests
 
 # Every method, scaled to seconds: the embedded Lite0 at 32 px, 2-3 images per class, one-value grids mostly.
 TINY = dict(dataset="mnist-5k", image_size=32, shots=[3], seeds=[0], test_per_class=2, linearize="bn2",
@@ -210,7 +225,7 @@ def test_cli_compare_writes_the_report_and_refuses_a_foreign_directory(tmp_path,
 
 
 def test_a_best_candidate_at_the_end_of_its_grid_is_flagged():
-    from lqf_hub.compare_report import at_grid_edge
+    from lqf_hub.compare.report import at_grid_edge
 
     path = [{"ridge": r, "loss": loss, "accuracy": 0.5} for r, loss in ((10.0, 3.0), (1.0, 2.0), (0.1, 1.0))]
     assert at_grid_edge({"chosen": {"ridge": 1.0}, "validation": path})  # lowest loss at the smallest λ

@@ -8,8 +8,8 @@ from conftest import pretrained_network
 from torch.func import jacrev
 
 from lqf_hub import LQFConfig, LQFModel
-from lqf_hub.curvature import hessian_vector_product, largest_eigenvalue
 from lqf_hub.errors import CurvatureError
+from lqf_hub.solver.curvature import hessian_vector_product, largest_eigenvalue
 
 NUM_CLASSES = 3
 

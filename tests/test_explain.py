@@ -9,9 +9,9 @@ from test_train import NUM_CLASSES, deltas, toy_images, toy_model
 from torch.func import jacrev
 
 from lqf_hub import LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub.explain import Explainer
-from lqf_hub.forget import forget
-from lqf_hub.solve import DataTerm, certify, solve
+from lqf_hub.analysis.explain import Explainer
+from lqf_hub.analysis.forget import forget
+from lqf_hub.solver.solve import DataTerm, certify, solve
 
 
 def solved(prior: str, ridge: float, tolerance: float):
@@ -208,7 +208,7 @@ def test_forget_refuses_what_it_cannot_do(tmp_path, remove, message):
 
 
 def test_random_features_round_trip_and_stale_or_corrupt_files_are_not_used(tmp_path):
-    from lqf_hub.explain import RandomFeatures
+    from lqf_hub.analysis.explain import RandomFeatures
 
     features = RandomFeatures(torch.randn(3, 2, 4, dtype=torch.float64), seed=5)
     features.save(tmp_path / "f.safetensors", "digest")

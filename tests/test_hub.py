@@ -5,10 +5,11 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import pickle
+import re
 import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import timm
@@ -18,10 +19,10 @@ from conftest import build
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save, save_file
 
-from lqf_hub import LQFConfig, LQFModel
+from lqf_hub import CheckpointError, LQFConfig, LQFModel
 from lqf_hub.adapters import WeightsSource
 from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint
-from lqf_hub.hub import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, locate_checkpoint
+from lqf_hub.hub import CONFIG_FILE, WEIGHTS_FILE, locate_checkpoint
 
 
 def assert_same_model(a: LQFModel, b: LQFModel, x: torch.Tensor) -> None:
@@ -152,7 +153,7 @@ def test_failed_save_leaves_the_old_checkpoint_intact(saved, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lqf_hub.hub.save_file", crash)
+    monkeypatch.setattr("lqf_hub.hub.format.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
@@ -438,3 +439,13 @@ def test_card_names_the_timm_hub_repo_the_weights_came_from(fake_hub, tmp_path):
     assert metadata["base_model"] == "timm/test_resnet.r160_in1k"
     assert "the Hub repo `timm/test_resnet.r160_in1k`" in card.text
     assert_same_model(model, LQFModel.from_pretrained(tmp_path / "ckpt"), torch.randn(2, 3, 64, 64))
+
+
+def test_a_checkpoint_written_before_the_subpackages_still_loads_and_predicts_the_same():
+    """tests/data/checkpoint_before_subpackages was saved by the flat layout (commit 4067050), with its logits on a
+    seeded input: the module moves change nothing on disk."""
+    data = Path(__file__).parent / "data"
+    model = LQFModel.from_pretrained(data / "checkpoint_before_subpackages")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        assert torch.equal(model(x), load_file(data / "checkpoint_before_subpackages_logits.safetensors")["logits"])

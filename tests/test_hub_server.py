@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from hub_server import FakeHub, NetworkAccessError, fake_hub, use_hub  # noqa: F401  (fake_hub is a fixture)
 from huggingface_hub import HfApi, constants, get_token, hf_api, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -13,8 +14,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from hub_server import FakeHub, NetworkAccessError, fake_hub, use_hub  # noqa: F401  (fake_hub is a fixture)
 
 ALICE, BOB = "hf_alice_token", "hf_bob_token"  # FakeHub's default users
 

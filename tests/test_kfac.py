@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from lqf_hub.errors import CurvatureError
-from lqf_hub.kfac import KFAC, symmetric_eigh
+from lqf_hub.solver.kfac import KFAC, symmetric_eigh
 
 pytestmark = pytest.mark.usefixtures("float64")  # every tensor of these tests is float64
 

@@ -6,7 +6,7 @@ from conftest import FAMILIES, RELU_FAMILIES, build, original_copy, pretrained_n
 from torch.func import functional_call, jvp
 
 from lqf_hub import LQFConfig, LQFModel
-from lqf_hub.linearize import forward_mode_attention
+from lqf_hub.modeling.linearize import forward_mode_attention
 
 GELU_FAMILIES = [f for f in FAMILIES if f not in RELU_FAMILIES]
 

@@ -10,10 +10,10 @@ import torch
 from huggingface_hub import ModelCard
 from test_train import NUM_CLASSES, closed_form, deltas, toy_images, toy_model
 
+import lqf_hub.solver.selection as selection_module
 from lqf_hub import CheckpointError, LQFModel, LQFTrainer, LQFTrainingArguments
-from lqf_hub import optimum
-from lqf_hub.solve import DataTerm, Flat
-from lqf_hub.optimum import PathPoint, _standard_error, choose, select, stratified_folds
+from lqf_hub.solver.selection import PathPoint, _standard_error, choose, select, stratified_folds
+from lqf_hub.solver.solve import DataTerm, Flat
 
 
 def solve(model, data, tmp_path, name="run", eval_data=None, **args):
@@ -117,7 +117,7 @@ def test_cross_validation_scores_are_the_refits_without_each_fold(monkeypatch):
     """With exact paths, each image's score is that of the closed-form optimum on the other folds."""
     from test_solve import _keys, brute_force, closed_form, metric_of, problem
 
-    monkeypatch.setattr(optimum, "SELECTION_TOLERANCE", 1e-12)
+    monkeypatch.setattr(selection_module, "SELECTION_TOLERANCE", 1e-12)
     model, z, labels = problem(12)
     j, residual = brute_force(model, z, labels)
     keys = _keys(len(labels))
@@ -192,7 +192,7 @@ def test_the_race_drops_priors_after_a_fold_and_keeps_what_they_scored(monkeypat
     scores and products); at +∞ the race never drops one."""
     from test_solve import _keys, metric_of, problem
 
-    monkeypatch.setattr(optimum, "RACE_THRESHOLD", threshold)
+    monkeypatch.setattr(selection_module, "RACE_THRESHOLD", threshold)
     model, z, labels = problem(15)
     keys = _keys(len(labels))
     flat = Flat(model.linearization_point)
@@ -235,7 +235,7 @@ def test_paired_z_is_the_paired_t_statistic():
         def residual(self, ridge):
             return 0.0
 
-    scores = optimum._Scores(list(losses))
+    scores = selection_module._Scores(list(losses))
     scores.add_fold(Held, {"a": Path(0.0), "b": Path(1.0)}, [1.0])
     difference = losses["a", 1.0] - losses["b", 1.0]
     expected = float(difference.mean() / (difference.std() / 3))

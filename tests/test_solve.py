@@ -5,8 +5,8 @@ import torch
 from test_train import NUM_CLASSES, toy_images, toy_model
 from torch.func import jacrev
 
-from lqf_hub.kfac import KFAC
-from lqf_hub.solve import DataTerm, Flat, HeadPath, KrylovPath, PriorMetric, certify, solve
+from lqf_hub.solver.kfac import KFAC
+from lqf_hub.solver.solve import DataTerm, Flat, HeadPath, KrylovPath, PriorMetric, certify, solve
 
 pytestmark = pytest.mark.usefixtures("float64")  # every tensor of these tests is float64
 

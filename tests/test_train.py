@@ -241,7 +241,7 @@ def test_large_caches_go_to_a_memory_mapped_file_with_the_same_result(tmp_path):
 
 
 def test_a_saved_trunk_cache_round_trips_bit_exactly_and_trains_to_the_same_delta(tmp_path):
-    from lqf_hub.cache import TrunkCache
+    from lqf_hub.training.cache import TrunkCache
 
     data = toy_images(8, seed=15)
     direct, from_cache = toy_model(), toy_model()

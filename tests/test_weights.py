@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from lqf_hub import CheckpointError, LQFConfig, LQFModel
 from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint
-from lqf_hub.cli import CLIError, main, run_convert
+from lqf_hub.cli import CLIError, main
+from lqf_hub.cli.convert import run as run_convert
 
 LITE1 = "tf_efficientnet_lite1"
 HEAD_ONLY = LQFConfig(linearize="head", head_init="pretrained")

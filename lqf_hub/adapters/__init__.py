@@ -1,8 +1,8 @@
-"""Bring backbones from different libraries into one common form: :class:`Backbone`.
+"""Bring backbones from different libraries into one common form: ``Backbone``.
 
-One table, :data:`ADAPTERS`, names the libraries; each adapter module offers the same three functions:
+One table, ``ADAPTERS``, names the libraries; each adapter module offers the same three functions:
 ``from_name`` (pretrained weights by model name or repo id), ``from_spec`` (the architecture of a
-:class:`BackboneSpec`, random weights) and ``from_source`` (the spec's pretrained weights, fetched again).
+``BackboneSpec``, random weights) and ``from_source`` (the spec's pretrained weights, fetched again).
 """
 
 import importlib
@@ -63,7 +63,7 @@ class Backbone:
 
 
 class Adapter(Protocol):
-    """What every module in :data:`ADAPTERS` provides."""
+    """What every module in ``ADAPTERS`` provides."""
 
     def from_name(self, name: str, *, revision: str | None = None, token: str | bool | None = None) -> Backbone: ...
 

@@ -1,4 +1,4 @@
-"""What a checkpoint records about its backbone: :class:`BackboneSpec` and the weights' origin, :class:`WeightsSource`.
+"""What a checkpoint records about its backbone: ``BackboneSpec`` and the weights' origin, ``WeightsSource``.
 
 Both are plain dataclasses that round-trip through JSON (``to_dict`` / ``from_dict``), like timm's
 ``PretrainedCfg``: everything needed to rebuild the architecture, preprocess inputs and say (or fetch again)

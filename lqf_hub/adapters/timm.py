@@ -1,4 +1,4 @@
-"""Any timm classifier as a :class:`Backbone` (the ``timm`` entry of the adapter table).
+"""Any timm classifier as a ``Backbone`` (the ``timm`` entry of the adapter table).
 
 The classifier is removed with ``reset_classifier(0)`` (so ``model(x)`` gives pre-logits), blocks come from
 timm's own ``group_matcher``, preprocessing from ``resolve_model_data_config``. For the families below the

@@ -1,4 +1,4 @@
-"""Any ``AutoModelForImageClassification`` as a :class:`Backbone` (the ``transformers`` entry of the adapter table).
+"""Any ``AutoModelForImageClassification`` as a ``Backbone`` (the ``transformers`` entry of the adapter table).
 
 The final ``nn.Linear`` of the classifier becomes ``nn.Identity``, so the model's own ``logits`` are the
 pre-logit features: this works for every image-classification head in transformers without knowing how

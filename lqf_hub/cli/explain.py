@@ -1,0 +1,107 @@
+"""``lqf-hub explain``."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import CLIError, checkpoint_source, image_files, model_arguments
+
+
+def add_parser(commands) -> None:
+    """``lqf-hub explain``'s options."""
+    explain = commands.add_parser(
+        "explain", help="Split predictions exactly over the training images (needs a model from `lqf-hub train`).")
+    model_arguments(explain, "lqf-output/model", "LQF checkpoint. Default: lqf-output/model")
+    explain.add_argument("images", nargs="*", help="Image files or folders of images.")
+    explain.add_argument("--top-k", type=int, default=5, help="Supporting and opposing training images shown, or with "
+                         "--training-set the suspects shown (at least 16). Default: 5.")
+    explain.add_argument("--training-set", action="store_true",
+                         help="Rank the training images by how much the rest argues against their label (exact "
+                              "leave-one-out): training_set.json and suspects.png.")
+    explain.add_argument("--projections", type=int, default=None,
+                         help="Fast mode for large training sets: the kernel estimated from this many random projections "
+                              "of the training images' gradients (k passes over them, once) instead of the exact one "
+                              "(C passes per image, N·C for --training-set). Its error shrinks as 1/sqrt(k): read "
+                              "'unexplained' (its error in the sum) and heed a saturation warning. Default: exact.")
+    explain.add_argument("--output-dir", default="explain-output",
+                         help="JSON and one PNG per image. Default: explain-output.")
+
+
+def run(args) -> dict[str, Any]:
+    from ..analysis.explain import Explainer, training_trunk
+    from ..modeling.model import LQFModel
+
+    if not args.images and not args.training_set:
+        raise CLIError("Nothing to explain: name image files or folders, or pass --training-set.")
+    model = LQFModel.from_pretrained(checkpoint_source(args.model, args.revision, args.token) or args.model,
+                                     revision=args.revision, token=args.token)
+    files = image_files(args.images)
+    output = Path(args.output_dir)
+    raw, trunk = training_trunk(model, output, progress=True)  # kept there: explains without the images later
+    explainer = Explainer.from_model(model, trunk)
+    features = None if args.projections is None else explainer.random_features(
+        args.projections, progress=True, cache_dir=output)  # once per model: kept in the output directory
+    result = {"training_images": explainer.data.count, "ridge": model.config.ridge,
+              "kernel": _kernel_name(features)}
+    if files:
+        result.update(_explain_images(model, explainer, features, raw, files, args.top_k, output))
+    if args.training_set:
+        result.update(_explain_training_set(model, explainer, features, raw, max(args.top_k, 16), output))
+    return result
+
+
+def _picture(raw, index: int):
+    """Training image ``index``, or None where the training images are not reachable."""
+    return None if raw is None else raw[int(index)]["image"]
+
+
+def _kernel_name(features) -> str:
+    return "exact" if features is None else f"{features.train.shape[-1]} random projections (seed {features.seed})"
+
+
+def _explain_images(model, explainer, features, raw, files: list[Path], top_k: int, output: Path) -> dict[str, Any]:
+    """Each image's prediction split over the training images: explanations.json and one PNG per image."""
+    from PIL import Image
+
+    from ..analysis.explain import plot_explanation
+    from ..data import image_transform
+    from ..files import atomic_write_text
+
+    transform, names = image_transform(model.data_config), model.config.id2label
+    labels = [int(label) for label in explainer.data.labels]
+    rows = []
+    for path in files:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+        explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)), features=features,
+                                        only_predicted=True)  # what the JSON and PNG show: one pass, not C
+        top = {kind: explanation.ranked(top_k, supporting=kind == "supporting") for kind in ("supporting", "opposing")}
+        row = {"image": str(path), "kernel": _kernel_name(features), "predicted": names[explanation.predicted],
+               "output": explanation.output[explanation.predicted].item(),
+               "base": explanation.base[explanation.predicted].item(),
+               "unexplained": explanation.gap[explanation.predicted].item(),
+               **{kind: [{"train_index": int(i), "label": names[labels[int(i)]], "contribution": float(v)}
+                         for i, v in zip(*top[kind])] for kind in top}}
+        rows.append(row)
+        plot_explanation(picture, row, [_picture(raw, i) for kind in top for i in top[kind][0].tolist()],
+                         output / f"{path.stem}.png")
+    atomic_write_text(output / "explanations.json", json.dumps(rows, indent=2))
+    return {"images": len(rows), "json": str(output / "explanations.json")}
+
+
+def _explain_training_set(model, explainer, features, raw, shown: int, output: Path) -> dict[str, Any]:
+    """The training images ranked by their leave-one-out label margin (lowest first): training_set.json and
+    suspects.png."""
+    from ..analysis.explain import plot_suspects
+    from ..files import atomic_write_text
+
+    names = model.config.id2label
+    without = explainer.leave_one_out(explainer.training_kernel(progress=True) if features is None else features)
+    margins, labels = explainer.label_margins(without), explainer.data.labels
+    rows = [{"train_index": i, "label": names[int(labels[i])], "others_predict": names[int(without[i].argmax())],
+             "margin": float(margins[i]), "loss": 0.5 * float(explainer.residuals[i].double().square().sum())}
+            for i in margins.argsort().tolist()]
+    record = {"kernel": _kernel_name(features), "ranking": rows}
+    atomic_write_text(output / "training_set.json", json.dumps(record, indent=2))
+    plot_suspects(rows[:shown], [_picture(raw, row["train_index"]) for row in rows[:shown]], output / "suspects.png")
+    return {"disputed_labels": sum(row["margin"] < 0 for row in rows), "ranking": str(output / "training_set.json")}

@@ -1,0 +1,44 @@
+"""``lqf-hub predict``."""
+
+from typing import Any
+
+from .common import checkpoint_source, image_files, model_arguments, model_from_name
+
+
+def add_parser(commands) -> None:
+    """``lqf-hub predict``'s options."""
+    predict = commands.add_parser("predict", help="Classify image files or folders.")
+    model_arguments(predict, None, "LQF checkpoint, or a timm name / HF repo id (its own ImageNet classes).")
+    predict.add_argument("images", nargs="+", help="Image files or folders of images.")
+    predict.add_argument("--top-k", type=int, default=3, help="Classes per image. Default: 3.")
+    predict.add_argument("--format", default="table", choices=["table", "json"], help="Default: table.")
+
+
+def run(args) -> tuple[list[dict[str, Any]], list[str]]:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from ..config import LQFConfig
+    from ..data import image_transform
+    from ..modeling.model import LQFModel
+
+    checkpoint = checkpoint_source(args.model, args.revision, args.token)
+    if checkpoint is not None:
+        model = LQFModel.from_pretrained(checkpoint, revision=args.revision, token=args.token)
+    else:  # a base model with its own classifier (e.g. the ImageNet classes)
+        model = model_from_name(args, LQFConfig(linearize="head", head_init="pretrained"))
+    transform = image_transform(model.data_config)
+    rows, errors = [], []
+    for path in image_files(args.images):
+        try:
+            with Image.open(path) as image:
+                pixels = transform(image.convert("RGB")).unsqueeze(0)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            errors.append(f"cannot read {path}: {err}")
+            continue
+        with torch.no_grad():
+            probs = model(pixels).softmax(-1)[0]
+        top = probs.topk(min(args.top_k, model.num_classes))
+        rows.append({"image": str(path), "predictions": [
+            {"label": model.config.id2label[int(i)], "score": round(float(p), 4)} for p, i in zip(top.values, top.indices)]})
+    return rows, errors
