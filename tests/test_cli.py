@@ -297,6 +297,11 @@ def test_train_solves_to_a_certificate_with_lambda_chosen_on_held_out_images(tmp
     assert (output / "path.png").read_bytes()[:4] == b"\x89PNG"
     summary = LQFModel.from_pretrained(output / "model").training_summary
     assert summary["ridge"] == metrics["ridge"] and summary["relative_gradient_norm"] == metrics["relative_gradient_norm"]
+    # every candidate's path point in metrics.json and the card, none on the terminal
+    assert metrics["selection"] == summary["selection"] and len(metrics["selection"]) >= 2
+    assert [r for r in metrics["selection"] if r["chosen"]] == [
+        r for r in metrics["selection"] if (r["prior"], r["ridge"]) == (metrics["prior"], metrics["ridge"])]
+    assert "validation_loss" not in out and "ridge" in out
 
 
 def test_explain_splits_a_prediction_over_the_rebuilt_training_images(trained, capsys, tmp_path):

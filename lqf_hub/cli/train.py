@@ -101,11 +101,10 @@ def run(args) -> dict[str, Any]:
     solved = ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound", "iterations", "path_iterations",
               "path_products", "dropped_priors", "seconds")
     result.update({k: final[k] for k in (solved if "ridge" in final else ("epoch", "learning_rate"))})
-    if "ridge" in final:
-        result["selection"] = model.training_summary.get("selection", [])
     if not args.no_probe:
         result["probe_accuracy"] = probe_accuracy(trainer.features("train"), trainer.features("eval"), len(names))
-    if state.is_main_process:
-        atomic_write_text(output / "metrics.json", json.dumps(result, indent=2))
+    if state.is_main_process:  # every candidate's path in the file, not on the terminal
+        selection = {"selection": model.training_summary.get("selection", [])} if "ridge" in final else {}
+        atomic_write_text(output / "metrics.json", json.dumps({**result, **selection}, indent=2))
     state.wait_for_everyone()
     return result
