@@ -10,7 +10,7 @@ from .adapters.spec import BackboneSpec, check_field_types, known_fields
 
 FORMAT_VERSION = 2
 """Version of the saved config / checkpoint layout; a newer one is refused on load, older ones are converted
-(1: the backbone was a loose dict; see ``hub._backbone_from_v1``)."""
+(1: the backbone was a loose dict; see ``hub.format._backbone_from_v1``)."""
 
 MIN_IMAGE_SIZE = 16
 """Smallest input side ``LQFModel.set_image_size`` accepts: below it a 32×-strided backbone sees less than a pixel."""

@@ -12,7 +12,7 @@ final model, for the report.
 
 Runs are appended to ``runs.jsonl`` as they finish; a sweep restarted on the same settings skips them, one
 with more shots, seeds or methods adds only what is missing, and a method whose definition or grid changed
-is run again (its former runs move to ``superseded.jsonl``). ``compare_report`` turns the runs into
+is run again (its former runs move to ``superseded.jsonl``). ``report`` turns the runs into
 the table, the PNG and the targets.
 """
 
@@ -193,7 +193,7 @@ class Draw:
 def run_comparison(settings: CompareSettings, output_dir: str | Path, *, progress: bool = True,
                    command: str | None = None) -> list[dict]:
     """Run every (shots, seed, method) not yet in ``output_dir/runs.jsonl``; returns all runs of these settings.
-    The report (``compare_report.write_report``, with ``command`` beside the table) is written after each draw."""
+    The report (``report.write_report``, with ``command`` beside the table) is written after each draw."""
     output = Path(output_dir)
     runs = load_runs(output, settings)
     done = {_key(r["method"], r["shots"], r["seed"]) for r in runs}

@@ -43,7 +43,7 @@ class _Network(nn.Module):
 class LQFModel(nn.Module):
     """A linearized image classifier. Build with ``from_timm``, ``from_transformers`` or
     ``from_pretrained`` (an LQF checkpoint, local or on the Hub); save with ``save_pretrained`` /
-    ``push_to_hub`` (the checkpoint format lives in ``hub.py``).
+    ``push_to_hub`` (the checkpoint format lives in ``lqf_hub.hub``).
 
     Shapes: ``pixel_values [B, C, H, W] -> logits [B, num_classes]``.
     """
