@@ -5,17 +5,26 @@ and every variant (settings of ``LQFConfig``, the image size) is scored by the s
 (`LQFTrainer.select`): 5-fold cross-validation over the training images on Krylov paths, the priors raced
 (K-FAC, isotropic and LQF-head), λ by the one-standard-error rule. ``run`` never reads a test image.
 ``test`` evaluates the chosen defaults once per draw on the task's test split, beside LQF-head and a linear
-probe (the report, not a choice). The commands of the committed results (``benchmarks/results/defaults/``):
+probe (the report, not a choice). The commands of the committed results (``benchmarks/results/defaults/``;
+EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in one session, 2026-12-07):
 
-    python benchmarks/defaults.py run --tasks fashion-mnist mnist-5k fashion-upper digits fashion-imbalanced \
-        --models tf_efficientnet_lite0 tf_efficientnet_lite1 --shots 5 20 100 --seeds 0 1 2 \
-        --variants linearize=last:1 linearize=last:2 --out benchmarks/results/defaults/validation.jsonl
+    python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks fashion-mnist --shots 100 --seeds 0 \
+        --variants linearize=last:1 linearize=last:2 linearize=last:1,head=lqf-head \
+        --out benchmarks/results/defaults/validation.jsonl
+    python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks mnist-5k digits fashion-upper \
+        --shots 100 --seeds 0 --variants linearize=last:1 linearize=last:2 \
+        --out benchmarks/results/defaults/validation.jsonl
     python benchmarks/defaults.py summary benchmarks/results/defaults/validation.jsonl \
         --report benchmarks/results/defaults/validation.md
-    python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 \
+    python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 5 20 \
         --out benchmarks/results/defaults/test.jsonl
-    python benchmarks/defaults.py test-summary benchmarks/results/defaults/test.jsonl \
+    python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
+        --seeds 0 --out benchmarks/results/defaults/test-100shots.jsonl
+    python benchmarks/defaults.py test-summary benchmarks/results/defaults/test*.jsonl \
         --report benchmarks/results/defaults/test.md
+
+The whole suite is the same commands with their defaults (five tasks, Lite0 and Lite1, 5 / 20 / 100 shots,
+seeds 0 1 2): about a day on 2 cores.
 
 Tasks, all from data that installs offline: ``fashion-mnist`` and ``mnist-5k`` (10 classes);
 ``fashion-upper``: Fashion-MNIST's four upper-body classes (T-shirt/top, Pullover, Coat, Shirt — the classes
@@ -186,15 +195,17 @@ def evaluate_draw(task: str, model_name: str, shots: int, seed: int, variant: st
     classes = len(class_names(train))
     result = {"task": task, "model": model_name, "shots": shots, "seed": seed, "variant": variant,
               "test_images": len(test)}
+    inputs = None  # the frozen trunk's outputs, the same for both methods: computed once
     for method, prior in (("lqf", "auto"), ("lqf-head", "head")):
         model = build(model_name, variant, classes)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
-            trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
-                                 LQFTrainingArguments(output_dir=out, seed=seed, prior=prior, progress=False))
+            images = inputs or (with_transform(train, model.data_config), with_transform(test, model.data_config))
+            trainer = LQFTrainer(model, *images, LQFTrainingArguments(output_dir=out, seed=seed, prior=prior, progress=False))
             final = trainer.train()[-1]
             if method == "lqf":
                 features = (trainer.features("train"), trainer.features("eval"))
+                inputs = (trainer.inputs("train"), trainer.inputs("eval"))
         result[method] = {"accuracy": 100 * final["eval_accuracy"], "prior": final["prior"], "ridge": final["ridge"],
                           "seconds": time.perf_counter() - started}
     result["linear-probe"] = probe(*features, classes, seed)

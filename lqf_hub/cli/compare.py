@@ -1,12 +1,13 @@
 """``lqf-hub compare``."""
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from .common import OUTPUT_MARKER, add_dataclass_options, check_output_dir, dataclass_values
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub compare``'s options."""
     compare = commands.add_parser(
         "compare", help="LQF against fine-tuning, a linear probe and ablations over shots and seeds, on one dataset.")
@@ -22,7 +23,7 @@ def add_parser(commands) -> None:
     add_dataclass_options(compare, CompareSettings, "compare.")
 
 
-def run(args, argv: list[str]) -> dict[str, Any]:
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     import dataclasses
     import shlex
 

@@ -1,12 +1,13 @@
 """``lqf-hub convert``."""
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from .common import CLIError
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub convert``'s options."""
     convert = commands.add_parser("convert", help="Legacy EfficientNet-Lite .pth -> timm safetensors.")
     convert.add_argument("--architecture", default="tf_efficientnet_lite0",
@@ -16,7 +17,7 @@ def add_parser(commands) -> None:
     convert.add_argument("--output", required=True, help="The .safetensors file to write.")
 
 
-def run(args) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     import timm
     from safetensors.torch import save
 

@@ -1,11 +1,12 @@
 """``lqf-hub eval``."""
 
+import argparse
 from typing import Any
 
 from .common import CLIError, checkpoint_source, data_arguments, model_arguments
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub eval``'s options."""
     evaluate = commands.add_parser("eval", help="Accuracy of an LQF checkpoint on a dataset split.")
     model_arguments(evaluate, None, "LQF checkpoint: directory (e.g. lqf-output) or Hub repo id.")
@@ -15,7 +16,7 @@ def add_parser(commands) -> None:
     evaluate.add_argument("--format", default="table", choices=["table", "json"], help="Default: table.")
 
 
-def run(args) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..data import class_names, load_image_dataset, with_transform
     from ..modeling.model import LQFModel
     from ..training.objective import evaluate_dataset

@@ -1,5 +1,6 @@
 """``lqf-hub explain``."""
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -7,7 +8,7 @@ from typing import Any
 from .common import CLIError, checkpoint_source, image_files, model_arguments
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub explain``'s options."""
     explain = commands.add_parser(
         "explain", help="Split predictions exactly over the training images (needs a model from `lqf-hub train`).")
@@ -27,7 +28,7 @@ def add_parser(commands) -> None:
                          help="JSON and one PNG per image. Default: explain-output.")
 
 
-def run(args) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..analysis.explain import Explainer, training_trunk
     from ..modeling.model import LQFModel
 

@@ -1,12 +1,13 @@
 """``lqf-hub forget``."""
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from .common import OUTPUT_MARKER, CLIError, check_output_dir, checkpoint_source, model_arguments
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub forget``'s options."""
     forget = commands.add_parser(
         "forget", help="The model without some training images: the certified optimum on the rest (same λ).")
@@ -17,7 +18,7 @@ def add_parser(commands) -> None:
     forget.add_argument("--overwrite", action="store_true", help="Allow writing into a directory that is not an lqf output.")
 
 
-def run(args) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..analysis.explain import training_images
     from ..analysis.forget import forget
     from ..modeling.model import LQFModel

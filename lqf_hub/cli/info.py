@@ -1,18 +1,19 @@
 """``lqf-hub info``."""
 
+import argparse
 from typing import Any
 
 from .common import checkpoint_source, model_arguments
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub info``'s options."""
     info = commands.add_parser("info", help="Show a checkpoint's config and sizes; check its base.")
     model_arguments(info, "lqf-output", "Checkpoint directory or Hub repo id. Default: lqf-output")
     info.add_argument("--base", default=None, help="A timm name or HF repo id: does the checkpoint's w0 match it?")
 
 
-def run(args) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..hub import WEIGHTS_FILE, backbone_sha256, read_config, resolve_files
 
     source = checkpoint_source(args.model, args.revision, args.token) or args.model

@@ -1,11 +1,12 @@
 """``lqf-hub predict``."""
 
+import argparse
 from typing import Any
 
 from .common import checkpoint_source, image_files, model_arguments, model_from_name
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub predict``'s options."""
     predict = commands.add_parser("predict", help="Classify image files or folders.")
     model_arguments(predict, None, "LQF checkpoint, or a timm name / HF repo id (its own ImageNet classes).")
@@ -14,7 +15,7 @@ def add_parser(commands) -> None:
     predict.add_argument("--format", default="table", choices=["table", "json"], help="Default: table.")
 
 
-def run(args) -> tuple[list[dict[str, Any]], list[str]]:
+def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     import torch
     from PIL import Image, UnidentifiedImageError
 

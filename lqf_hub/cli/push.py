@@ -1,12 +1,13 @@
 """``lqf-hub push``."""
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from .common import CLIError, checkpoint_source, model_arguments
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub push``'s options."""
     push = commands.add_parser("push", help="Upload an LQF checkpoint to the Hugging Face Hub.")
     model_arguments(push, "lqf-output", "Checkpoint directory. Default: lqf-output")
@@ -17,7 +18,7 @@ def add_parser(commands) -> None:
     push.add_argument("--commit-message", default="Upload LQF model")
 
 
-def run(args) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..modeling.model import LQFModel
 
     checkpoint = checkpoint_source(args.model, args.revision, args.token)

@@ -1,5 +1,6 @@
 """``lqf-hub train``."""
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .common import (
 )
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub train``'s options."""
     train = commands.add_parser("train", help="Fine-tune with LQF (offline default: EfficientNet-Lite0 on Fashion-MNIST).")
     model_arguments(train, DEFAULT_MODEL, "Base model: a timm name, a Hugging Face repo id, or an LQF checkpoint "
@@ -51,7 +52,7 @@ def add_parser(commands) -> None:
                           "training.", exclude={"dataset_name", "eval_split_name", "hub_token"})
 
 
-def run(args) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..compare.baselines import probe_accuracy
     from ..data import MissingSplit, class_names, load_image_dataset, sample_shots, split_validation, with_transform
     from ..files import atomic_write_text
