@@ -263,7 +263,8 @@ class LQFModel(nn.Module):
             raise ValueError(f"This backbone needs {height}x{width} inputs; it cannot run at {size}x{size}.")
         try:  # one blank image: strided stems and windowed attention fail on some small sizes
             with torch.no_grad():
-                self(pixel_values=torch.zeros(1, channels, size, size))
+                weight = self.net.head.weight  # the model's device and dtype (a CUDA model, a float64 one)
+                self(pixel_values=torch.zeros(1, channels, size, size, device=weight.device, dtype=weight.dtype))
         except RuntimeError as err:
             raise ValueError(f"This backbone cannot run at {size}x{size} pixels ({err}); choose a larger size.") from None
         self.data_config["input_size"] = [channels, size, size]
