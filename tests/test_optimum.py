@@ -240,3 +240,52 @@ def test_paired_z_is_the_paired_t_statistic():
     difference = losses["a", 1.0] - losses["b", 1.0]
     expected = float(difference.mean() / (difference.std() / 3))
     assert scores.paired_z(("a", 1.0), ("b", 1.0)) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.usefixtures("float64")
+def test_beyond_folds_times_holdout_images_one_held_out_part_scores_the_refit_on_the_rest(monkeypatch):
+    """Large N: each λ is scored on one stratified held-out part by the closed-form optimum on every other image;
+    the refit starts from that optimum at the choice; passes count the path's products over the fit images."""
+    from test_solve import _keys, brute_force, closed_form, metric_of, problem
+
+    monkeypatch.setattr(selection_module, "SELECTION_TOLERANCE", 1e-12)
+    model, z, labels = problem(12)
+    j, residual = brute_force(model, z, labels)
+    keys = _keys(len(labels))
+    metric = metric_of("kfac", model, z, Flat(model.linearization_point))
+    ridges = [10.0, 0.1, 1e-3]
+    selection = select(lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=5), labels,
+                       keys, [metric], ridges, folds=3, seed=0, max_iterations=40, progress=False, holdout_images=4)
+    parts = stratified_folds(labels, keys, 3, seed=0)  # 12 images // 4 per part
+    held, rows = parts == 0, parts.repeat_interleave(NUM_CLASSES) != 0
+    assert selection.scheme == f"one stratified held-out part of {int(held.sum())} of the 12 training images"
+    for point in selection.points:
+        delta = closed_form(j[rows], residual[rows], point.ridge, metric)
+        errors = (residual[~rows] - j[~rows] @ delta).reshape(-1, NUM_CLASSES)
+        assert point.images == int(held.sum())
+        assert point.validation_loss == pytest.approx(float(0.5 * errors.square().sum(-1).mean()), rel=1e-8)
+        if point.ridge == selection.ridge:
+            assert (selection.warm_start - delta).norm() / delta.norm() < 1e-8
+    assert selection.passes == pytest.approx(selection.iterations * int((~held).sum()) / 12)
+
+
+@pytest.mark.usefixtures("float64")
+def test_beyond_folds_times_holdout_images_the_priors_race_on_another_part_first(monkeypatch):
+    """A prior dropped in the race on part 1 runs no path over the rest; its race path is kept, scored on part 1."""
+    from test_solve import _keys, metric_of, problem
+
+    model, z, labels = problem(30)
+    keys = _keys(len(labels))
+    flat = Flat(model.linearization_point)
+    metrics = [metric_of("kfac", model, z, flat), metric_of("isotropic", model, z, flat)]
+    monkeypatch.setattr(selection_module, "RACE_THRESHOLD", -math.inf)  # all but the leader drop after a fold
+    selection = select(lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=8), labels,
+                       keys, metrics, [1.0, 0.01], folds=3, seed=0, max_iterations=40, progress=False,
+                       holdout_images=10)
+    parts = stratified_folds(labels, keys, 3, seed=0)
+    [loser] = selection.dropped
+    assert selection.dropped[loser] == 1 and selection.prior != loser
+    race_fold = stratified_folds(labels[parts == 1], keys[parts == 1], 3, seed=0)
+    assert all(p.images == int((race_fold == 0).sum()) for p in selection.paths[loser])  # scored in the race only
+    assert all(p.images == int((parts == 0).sum()) for p in selection.points)  # the held-out part
+    assert "raced first by 3-fold cross-validation on another 10" in selection.scheme

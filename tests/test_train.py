@@ -261,3 +261,36 @@ def test_a_saved_trunk_cache_round_trips_bit_exactly_and_trains_to_the_same_delt
     with pytest.raises(ValueError, match="TrunkCache .* needs cache_trunk=True"):
         LQFTrainer(toy_model(), kept, None, LQFTrainingArguments(output_dir=str(tmp_path / "no"), method="sgd",
                                                                  cache_trunk=False, progress=False)).inputs("train")
+
+
+def test_a_float16_cache_halves_the_memory_and_solves_the_objective_of_the_stored_values(tmp_path):
+    import numpy as np
+
+    from lqf_hub.training.arguments import objective_settings
+    from lqf_hub.training.cache import TrunkCache
+
+    data = toy_images(12, seed=16)
+    half, rounded = toy_model(), toy_model()
+    args = {"method": "solve", "prior": "isotropic", "ridge_grid": [0.1], "tolerance": 1e-10, "progress": False}
+    trainer = LQFTrainer(half, data, None, LQFTrainingArguments(output_dir=str(tmp_path / "half"), cache_dtype="float16",
+                                                                **args))
+    record = trainer.train()[-1]
+    stored = trainer.inputs("train")
+    assert stored.values.dtype == np.float16
+    full = LQFTrainer(toy_model(), data, None, LQFTrainingArguments(output_dir=str(tmp_path / "full"), **args)).inputs("train")
+    assert stored.values.nbytes * 4 == full.values.nbytes  # float64 model: a quarter
+    assert np.array_equal(stored.values, full.values.astype(np.float16))
+    as_solved = TrunkCache(stored.values.astype(np.float64), stored.labels, stored.digests)  # the same numbers
+    LQFTrainer(rounded, as_solved, None, LQFTrainingArguments(output_dir=str(tmp_path / "rounded"), **args)).train()
+    assert torch.equal(deltas(half), deltas(rounded))
+    assert objective_settings(half.training_summary)["cache_dtype"] == "float16"
+    assert set(record["stage_seconds"]) == {"caching", "objective", "selection", "refit"}
+    assert record["passes"] == record["iterations"] and record["peak_rss_gb"] > 0.1
+
+
+def test_a_float16_cache_refuses_outputs_beyond_its_range(tmp_path):
+    huge = [{"pixel_values": 1e9 * d["pixel_values"], "label": d["label"]} for d in toy_images(3, seed=17)]
+    trainer = LQFTrainer(toy_model(), huge, None, LQFTrainingArguments(output_dir=str(tmp_path), cache_dtype="float16",
+                                                                      progress=False))
+    with pytest.raises(ValueError, match="beyond float16's range .* cache_dtype='float32'"):
+        trainer.inputs("train")

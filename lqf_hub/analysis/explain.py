@@ -154,7 +154,8 @@ def training_trunk(model: LQFModel, directory: str | Path, *, progress: bool = F
     summary = model.training_summary or {}
     digest = hashlib.sha256(backbone_sha256(model.checkpoint_state()["base"]).encode())
     config = {k: v for k, v in model.config.to_dict().items() if k != "ridge"}
-    digest.update(json.dumps([config, summary.get("train_data"), summary.get("forgotten")], sort_keys=True,
+    stored = [summary["cache_dtype"]] if summary.get("cache_dtype", "float32") != "float32" else []  # older keys hold
+    digest.update(json.dumps([config, summary.get("train_data"), summary.get("forgotten"), *stored], sort_keys=True,
                              default=str).encode())
     path, key = Path(directory) / TRUNK_FILE, digest.hexdigest()
     try:

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..data import MissingSplit, class_names, load_image_dataset, sample_shots, split_validation, with_transform
     from ..files import atomic_write_text
     from ..training.arguments import LQFTrainingArguments
-    from ..training.trainer import LQFTrainer, process_state
+    from ..training.trainer import LQFTrainer, peak_memory, process_state
 
     values = dataclass_values(args, "training.")
     if args.augment and values.get("cache_trunk"):
@@ -100,10 +100,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "train_samples": len(train_data), "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"],
               "test_loss": final["eval_loss"]}
     solved = ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound", "iterations", "path_iterations",
-              "path_products", "dropped_priors", "seconds")
+              "path_products", "dropped_priors", "selection_passes", "passes", "seconds", "stage_seconds")
     result.update({k: final[k] for k in (solved if "ridge" in final else ("epoch", "learning_rate"))})
     if not args.no_probe:
         result["probe_accuracy"] = probe_accuracy(trainer.features("train"), trainer.features("eval"), len(names))
+    result.update(peak_memory())  # the whole command's, probe included
     if state.is_main_process:  # every candidate's path in the file, not on the terminal
         selection = {"selection": model.training_summary.get("selection", [])} if "ridge" in final else {}
         atomic_write_text(output / "metrics.json", json.dumps({**result, **selection}, indent=2))

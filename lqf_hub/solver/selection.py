@@ -19,6 +19,10 @@ paths, the priors raced, then the certified optimum.
    out-of-fold errors at their λ — what users judge decides where the loss cannot.
 4. Refit on all training images with that prior and λ by conjugate gradients until the certificate holds
    (``solve.solve``), from the mean of the folds' optima at that prior and λ (LQF-head: its closed form).
+5. **Large N** (from ``folds × HOLDOUT_IMAGES`` images): K folds would cost about K paths over all the data,
+   so the paths are fit once, on all images but one stratified held-out part of about ``HOLDOUT_IMAGES``, and
+   scored on it; the priors are first raced by K folds on another part of that size, so the expensive paths of
+   a prior that falls behind cost nothing that grows with N. The refit starts from the held-out path's optimum.
 
 Products with the data cannot be shared between folds: a subspace grown from every fold's residuals — with
 each fold's own residual below 3e-2 — scored its held-out images at 100% accuracy on the default task, where
@@ -51,6 +55,15 @@ RACE_THRESHOLD = 3.0
 standard errors of the paired per-image difference (over the images scored so far, the same for both)."""
 
 
+HOLDOUT_IMAGES = 2000
+"""From ``folds ×`` this many training images on, the prior and λ are chosen on one stratified held-out part of
+about this size, not by K folds: K folds would score every image, but each fold's paths cost a pass per product
+over (K − 1)/K of the data, so the choice would cost about K paths over all of it. One part of 2000 images costs
+one path per prior, and its standard errors stay small: that of an accuracy at most ½/√2000 = 1.1 points, and
+the 1-SE rule widens its margin by that of the loss (so fewer images mean a more regularised λ, not a noisier
+one). At 5 folds the switch comes at 10 000 images, where a fold is 2000 images anyway."""
+
+
 @dataclass
 class PathPoint:
     """One λ of the regularisation path, scored by cross-validation over the training images."""
@@ -73,6 +86,8 @@ class Selection:
     products: dict[str, int] = field(default_factory=dict)  # of them, by prior
     dropped: dict[str, int] = field(default_factory=dict)  # prior -> folds it ran before the race dropped it
     warm_start: Tensor | None = field(default=None, repr=False)  # mean of the folds' δ at the choice [P]
+    passes: float = 0.0  # the paths' products in passes over all the training images (a fold's fit: (K − 1)/K)
+    scheme: str = ""  # how the images were split, in words (for the card)
 
     @property
     def points(self) -> list[PathPoint]:
@@ -81,7 +96,7 @@ class Selection:
 
     def to_dict(self) -> dict:
         return {"prior": self.prior, "ridge": self.ridge, "iterations": self.iterations, "products": self.products,
-                "dropped": self.dropped,
+                "dropped": self.dropped, "passes": self.passes, "scheme": self.scheme,
                 "paths": {kind: [asdict(p) for p in points] for kind, points in self.paths.items()}}
 
 
@@ -195,45 +210,140 @@ class _Scores:
 def select(
     make_data: Callable[[Tensor], DataTerm], labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
     ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool, race: bool = True,
+    holdout_images: int = HOLDOUT_IMAGES,
 ) -> Selection:
-    """Choose the prior among ``metrics`` and λ among ``ridges`` by ``folds``-fold cross-validation (at most
-    one fold per image): ``make_data(indices) -> DataTerm`` over those images; ``keys`` identify the images
-    (see ``stratified_folds``). With ``race``, a prior whose best loss is worse than the leader's by more
-    than ``RACE_THRESHOLD`` paired standard errors after a fold runs no more folds (racing, Maron & Moore
-    1994): it cannot be chosen, and its paths would be the most expensive part of the choice."""
+    """Choose the prior among ``metrics`` and λ among ``ridges``: ``make_data(indices) -> DataTerm`` over those
+    images; ``keys`` identify the images (see ``stratified_folds``).
+
+    Up to ``folds × holdout_images`` images, by ``folds``-fold cross-validation (at most one fold per image);
+    with ``race``, a prior whose best loss is worse than the leader's by more than ``RACE_THRESHOLD`` paired
+    standard errors after a fold runs no more folds (racing, Maron & Moore 1994). Beyond, on one stratified
+    held-out part of about ``holdout_images`` images (``HOLDOUT_IMAGES``), the priors raced first on another
+    part of that size."""
     if len(labels) < 2:
         raise ValueError("Choosing λ or the prior needs at least 2 training images; pass one value in "
                          "`ridge_grid` and prior='kfac' or 'isotropic' instead.")
-    folds = min(folds, len(labels))
-    assignment = stratified_folds(labels, keys, folds, seed)  # every fold holds images: the deal is balanced
     ridges = sorted(ridges, reverse=True)
+    if len(labels) >= folds * holdout_images:
+        return _select_on_held_out_part(make_data, labels, keys, metrics, ridges, folds=folds, seed=seed,
+                                        max_iterations=max_iterations, progress=progress, race=race,
+                                        holdout_images=holdout_images)
+    folds = min(folds, len(labels))
+    found = _race(make_data, torch.arange(len(labels)), labels, keys, metrics, ridges, folds=folds, seed=seed,
+                  max_iterations=max_iterations, progress=progress, race=race)
+    prior, ridge = found.choice()
+    return Selection(prior, ridge, {m.kind: found.scores.points(m.kind, ridges) for m in metrics},
+                     sum(found.products.values()), found.products, found.dropped,
+                     found.scores.solutions[prior, ridge] / folds, passes=found.image_products / len(labels),
+                     scheme=f"{folds}-fold cross-validation over the training images")
+
+
+def _select_on_held_out_part(
+    make_data: Callable[[Tensor], DataTerm], labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
+    ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool, race: bool,
+    holdout_images: int,
+) -> Selection:
+    """Large N: the images dealt into parts of about ``holdout_images`` (stratified, as folds). Part 0 is held
+    out; with several priors, they are first raced by ``folds``-fold cross-validation on part 1 (a race whose
+    cost does not grow with N), and each survivor's path is then fit on every image but part 0 and scored on it."""
+    parts = stratified_folds(labels, keys, len(labels) // holdout_images, seed)
+    held_rows, fit_rows = (parts == 0).nonzero().flatten(), (parts != 0).nonzero().flatten()
+    running, race_paths, dropped, products, image_products = metrics, {}, {}, {}, 0
+    sampled = ""
+    if race and len(metrics) > 1:
+        sample = (parts == 1).nonzero().flatten()
+        raced = _race(lambda rows: make_data(sample[rows]), sample, labels[sample], keys[sample], metrics, ridges,
+                      folds=folds, seed=seed, max_iterations=max_iterations, progress=progress, race=True,
+                      until_one_left=True)
+        running = [m for m in metrics if m.kind in raced.running]
+        race_paths = {kind: raced.scores.points(kind, ridges) for kind in raced.dropped}
+        dropped, products, image_products = raced.dropped, dict(raced.products), raced.image_products
+        sampled = f", the priors raced first by {folds}-fold cross-validation on another {len(sample)}"
+    fit, held = make_data(fit_rows), make_data(held_rows)
+    scores = _Scores([(m.kind, r) for m in running for r in ridges])
+    paths = {}
+    for metric in running:
+        paths[metric.kind] = _path(fit, metric, ridges, max_iterations, progress, "held-out part")
+        products[metric.kind] = products.get(metric.kind, 0) + paths[metric.kind].iterations
+        image_products += paths[metric.kind].iterations * len(fit_rows)
+    scores.add_fold(held, paths, ridges)
+    kinds = [m.kind for m in running]
+    prior, ridge = _choice(scores, kinds, ridges)
+    chosen = {m.kind: scores.points(m.kind, ridges) for m in running}
+    return Selection(prior, ridge, {m.kind: chosen.get(m.kind) or race_paths[m.kind] for m in metrics},
+                     sum(products.values()), products, dropped, scores.solutions[prior, ridge],
+                     passes=image_products / len(labels),
+                     scheme=f"one stratified held-out part of {len(held_rows)} of the {len(labels)} training "
+                            f"images{sampled}")
+
+
+def _path(fit: DataTerm, metric: PriorMetric, ridges: list[float], max_iterations: int, progress: bool,
+          where: str) -> "KrylovPath | HeadPath":
+    """``metric``'s optimum for every λ of ``ridges`` on ``fit``: closed form for LQF-head, else Lanczos."""
+    if metric.kind == "head":
+        return HeadPath(fit)
+    return KrylovPath(fit, metric, ridges, tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations,
+                      progress=progress, description=f"λ path, {metric.kind} prior, {where}")
+
+
+@dataclass
+class _Raced:
+    """Where a race over folds ended: the scores, the priors still running, products by prior (and in images ×
+    products, for passes over the training set), and the dropped priors with the folds they ran."""
+
+    scores: _Scores
+    running: list[str]
+    ridges: list[float]
+    products: dict[str, int]
+    image_products: int
+    dropped: dict[str, int]
+
+    def choice(self) -> tuple[str, float]:
+        return _choice(self.scores, self.running, self.ridges)
+
+
+def _race(
+    make_data: Callable[[Tensor], DataTerm], rows: Tensor, labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
+    ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool, race: bool,
+    until_one_left: bool = False,
+) -> _Raced:
+    """K-fold cross-validation of every prior's path over the images ``rows`` (``make_data`` takes positions
+    in ``rows``), dropping priors that fall behind after a fold; ``until_one_left``: stop once one prior runs."""
+    assignment = stratified_folds(labels, keys, folds, seed)  # every fold holds images: the deal is balanced
     scores = _Scores([(m.kind, r) for m in metrics for r in ridges])
     running = {m.kind: m for m in metrics}
-    products = dict.fromkeys(running, 0)
-    dropped: dict[str, int] = {}
+    products, image_products, dropped = dict.fromkeys(running, 0), 0, {}
     for fold in range(folds):
         held = make_data((assignment == fold).nonzero().flatten())
-        fit = make_data((assignment != fold).nonzero().flatten())
-        paths = {}
-        for kind, metric in running.items():
-            paths[kind] = HeadPath(fit) if kind == "head" else KrylovPath(
-                fit, metric, ridges, tolerance=SELECTION_TOLERANCE, max_iterations=max_iterations,
-                progress=progress, description=f"λ path, {kind} prior, fold {fold + 1}/{folds}")
-            products[kind] += paths[kind].iterations
+        fit_rows = (assignment != fold).nonzero().flatten()
+        fit = make_data(fit_rows)
+        paths = {kind: _path(fit, metric, ridges, max_iterations, progress, f"fold {fold + 1}/{folds}")
+                 for kind, metric in running.items()}
+        for kind, path in paths.items():
+            products[kind] += path.iterations
+            image_products += path.iterations * len(fit_rows)
         scores.add_fold(held, paths, ridges)
         if race and len(running) > 1 and fold + 1 < folds:
-            leader = scores.best(min(running, key=lambda k: float(scores.loss[scores.index[scores.best(k, ridges)]])), ridges)
+            leader = _leader(scores, list(running), ridges)
             for kind in list(running):
                 if kind != leader[0] and scores.paired_z(scores.best(kind, ridges), leader) > RACE_THRESHOLD:
                     del running[kind]
                     dropped[kind] = fold + 1
-    paths = {m.kind: scores.points(m.kind, ridges) for m in metrics}
-    finalists = {kind: paths[kind] for kind in running}
-    leader = scores.best(min(running, key=lambda k: float(scores.loss[scores.index[scores.best(k, ridges)]])), ridges)
-    tied = [kind for kind in running if scores.paired_z(scores.best(kind, ridges), leader) <= 1.0]
-    prior, ridge = choose(finalists, tied)
-    warm = scores.solutions[prior, ridge] / folds
-    return Selection(prior, ridge, paths, sum(products.values()), products, dropped, warm)
+        if until_one_left and len(running) == 1:
+            break
+    return _Raced(scores, list(running), ridges, products, image_products, dropped)
+
+
+def _leader(scores: _Scores, kinds: list[str], ridges: list[float]) -> tuple[str, float]:
+    """The column of lowest mean loss among ``kinds``' paths."""
+    return scores.best(min(kinds, key=lambda k: float(scores.loss[scores.index[scores.best(k, ridges)]])), ridges)
+
+
+def _choice(scores: _Scores, kinds: list[str], ridges: list[float]) -> tuple[str, float]:
+    """The rule (``choose``) over ``kinds``, with the priors the images cannot tell from the leader as ties."""
+    leader = _leader(scores, kinds, ridges)
+    tied = [kind for kind in kinds if scores.paired_z(scores.best(kind, ridges), leader) <= 1.0]
+    return choose({kind: scores.points(kind, ridges) for kind in kinds}, tied)
 
 
 def _standard_error(total: float, total_of_squares: float, n: int) -> float:

@@ -105,7 +105,8 @@ class DataTerm:
     """``mean_i ½‖f0(z_i) + J_i δ − α y_i‖²`` over cached trunk outputs ``z [N, ...]`` and labels ``[N]``.
 
     ``keys [N, k]`` identify the samples (content digests). This process holds the shard ``rank::world``;
-    ``reduce_sum`` adds a tensor over processes.
+    ``reduce_sum`` adds a tensor over processes. Trunk outputs stored in half precision stay so (``z``), each
+    batch converted to the model's dtype on its way in (``trunk``): the objective is that of the stored values.
     """
 
     def __init__(
@@ -116,18 +117,24 @@ class DataTerm:
         self.count = len(labels)
         self.flat = Flat(model.linearization_point)
         device = self.flat.device
-        self.z = torch.as_tensor(np.asarray(trunk_outputs[rank::world])).to(device, model.net.head.weight.dtype)
+        self.dtype = model.net.head.weight.dtype
+        z = torch.as_tensor(np.asarray(trunk_outputs[rank::world]))
+        self.z = z.to(device) if z.dtype in (torch.float16, torch.bfloat16) else z.to(device, self.dtype)
         self.labels = torch.as_tensor(labels[rank::world]).to(device)
         self.keys = keys[rank::world]
-        targets = model.config.target_scale * F.one_hot(self.labels, model.num_classes).to(self.z.dtype)
+        targets = model.config.target_scale * F.one_hot(self.labels, model.num_classes).to(self.dtype)
         self.f0, rhs = self._base_and_rhs(targets)
         self.rhs = self._mean(rhs)  # b
         self.constant = float(self.reduce_sum(0.5 * (self.f0 - targets).double().square().sum()[None])) / self.count
 
+    def trunk(self, rows: slice | Tensor = slice(None)) -> Tensor:
+        """This shard's trunk outputs ``rows``, in the model's dtype: ``[n, ...]``."""
+        return self.z[rows].to(self.dtype)
+
     def trunk_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """This shard's trunk outputs and keys in batches, in order."""
         for rows in self._batches():
-            yield self.z[rows], self.keys[rows]
+            yield self.trunk(rows), self.keys[rows]
 
     def _batches(self) -> Iterator[slice]:
         for start in range(0, len(self.labels), self.batch_size):
@@ -141,7 +148,7 @@ class DataTerm:
         outputs, total = [], self.flat.zeros()
         for rows in self._batches():
             zero = {n: t.requires_grad_() for n, t in self.flat.unflatten(self.flat.zeros()).items()}
-            out = linearized(self.model.tail_function(self.z[rows]), self.model.linearization_point, zero)
+            out = linearized(self.model.tail_function(self.trunk(rows)), self.model.linearization_point, zero)
             residual = (targets[rows] - out.detach()).to(out.dtype)
             grads = torch.autograd.grad((out * residual).sum(), list(zero.values()), allow_unused=True)
             total += torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
@@ -153,7 +160,7 @@ class DataTerm:
         """``G·v = mean_i J_iᵀJ_i v``: ``[P] -> [P]`` (one linearized forward and backward pass over the data)."""
         total = self.flat.zeros()
         for rows in self._batches():
-            products = gauss_newton_batch(self.model, self.z[rows], self.flat.unflatten(vector), self.f0[rows])
+            products = gauss_newton_batch(self.model, self.trunk(rows), self.flat.unflatten(vector), self.f0[rows])
             total += self.flat.flatten(products).to(total.dtype)
         return self._mean(total)
 
@@ -161,13 +168,13 @@ class DataTerm:
     def outputs(self, delta: Tensor) -> Tensor:
         """``f0 + J·δ`` of this shard's samples: ``[P] -> [n, C]`` (one forward-mode pass)."""
         deltas = self.flat.unflatten(delta)
-        return torch.cat([linearized(self.model.tail_function(self.z[rows]), self.model.linearization_point, deltas)
+        return torch.cat([linearized(self.model.tail_function(self.trunk(rows)), self.model.linearization_point, deltas)
                           for rows in self._batches()])
 
     @torch.no_grad()
     def head_features(self) -> Tensor:
         """What the new head sees at w0, with a ones column for its bias: ``[n, D + 1]`` (this shard)."""
-        features = torch.cat([self.model.features(trunk_output=self.z[rows]) for rows in self._batches()])
+        features = torch.cat([self.model.features(trunk_output=self.trunk(rows)) for rows in self._batches()])
         return torch.cat([features, features.new_ones(len(features), 1)], dim=1)
 
     def sample_scores(self, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,7 +188,12 @@ class DataTerm:
 class KrylovPath:
     """Lanczos on ``A = M^-½ G M^-½`` from ``M^-½ b`` with full reorthogonalisation: the optimum on the
     Krylov subspace for every λ at once. Stops when the estimated relative gradient norm at the smallest of
-    ``ridges`` is below ``tolerance``."""
+    ``ridges`` is below ``tolerance``.
+
+    The basis (``iterations × P`` numbers) is kept in host memory, one vector at a time, never stacked: on an
+    accelerator it takes none of the device's memory (each reorthogonalisation streams it through once), and
+    nothing it holds enters the certificate, which the refit computes from fresh products.
+    """
 
     def __init__(
         self, data: DataTerm, metric: PriorMetric, ridges: list[float], *, tolerance: float,
@@ -190,16 +202,15 @@ class KrylovPath:
         self.metric = metric
         start = metric.power(data.rhs, 0.5)
         self.beta0 = math.sqrt(_inner(start, start))
-        basis = [start / self.beta0]
+        basis = [(start / self.beta0).cpu()]
         self.alphas: list[float] = []
         self.betas: list[float] = []
         bar = tqdm(total=max_iterations, desc=description, disable=not progress)
         for _ in range(max_iterations):
-            w = metric.power(data.gauss_newton(metric.power(basis[-1], 0.5)), 0.5)
+            w = metric.power(data.gauss_newton(metric.power(basis[-1].to(start.device), 0.5)), 0.5).cpu()
             self.alphas.append(_inner(w, basis[-1]))
-            stacked = torch.stack(basis)
             for _ in range(2):  # twice is enough (Kahan): the basis stays orthogonal to working precision
-                w = w - stacked.T @ (stacked @ w)
+                w = w - sum(torch.dot(q, w) * q for q in basis)
             beta = math.sqrt(_inner(w, w))
             self.betas.append(beta)
             bar.update()
@@ -209,7 +220,8 @@ class KrylovPath:
                 break
             basis.append(w / beta)
         bar.close()
-        self.basis = torch.stack(basis[: len(self.alphas)])
+        self.basis = basis[: len(self.alphas)]  # [P] each, on the host
+        self.device = start.device
 
     @property
     def iterations(self) -> int:
@@ -236,8 +248,9 @@ class KrylovPath:
 
     def solution(self, ridge: float) -> Tensor:
         """``δ_λ = M^-½ Q (T + λI)⁻¹ β₀e₁``: ``[P]``."""
-        coefficients = torch.as_tensor(self._coefficients(ridge), dtype=self.basis.dtype, device=self.basis.device)
-        return self.metric.power(self.basis.T @ coefficients, 0.5)
+        coefficients = self._coefficients(ridge)
+        combination = sum(float(c) * q for c, q in zip(coefficients, self.basis))
+        return self.metric.power(combination.to(self.device), 0.5)
 
 
 class HeadPath:

@@ -42,6 +42,11 @@ class KFACOutputs(str, enum.Enum):
     SAMPLED = "sampled"  # one Gaussian output vector per sample
 
 
+class CacheDtype(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"  # half the memory; outputs beyond ±65504 are refused
+
+
 class MixedPrecision(str, enum.Enum):
     NO = "no"
     BF16 = "bf16"
@@ -111,6 +116,12 @@ class LQFTrainingArguments:
     loss: str = field(default="mse", metadata={"help": "'mse' (LQF) or 'cross_entropy' (ablation).", "choices": Loss})
     cache_trunk: bool = field(default=True, metadata={"help": "Cache the frozen trunk's outputs (no augmentation)."})
     cache_in_memory_gb: float = field(default=4.0, metadata={"help": "Larger caches go to a memory-mapped file."})
+    cache_dtype: str = field(
+        default="float32",
+        metadata={"help": "How the trunk outputs are stored: 'float16' halves their memory (each batch is computed "
+                          "with in the model's dtype; the objective is that of the stored values).",
+                  "choices": CacheDtype},
+    )
     mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision.", "choices": MixedPrecision})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimizer step."})
     seed: int = field(default=0, metadata={"help": "Seed of the data order and curvature sampling."})
@@ -170,11 +181,12 @@ class LQFTrainingArguments:
 
 
 def objective_settings(training_summary: dict[str, Any]) -> dict[str, Any]:
-    """The training arguments that, with its λ, define a solved model's objective — its prior, damping and
-    K-FAC outputs — read from its training summary (the card's record)."""
+    """The training arguments that, with its λ, define a solved model's objective — its prior, damping, K-FAC
+    outputs and how the trunk outputs were stored — read from its training summary (the card's record)."""
     if training_summary.get("prior") not in (Prior.KFAC.value, Prior.ISOTROPIC.value, Prior.HEAD.value):
         raise ValueError("The model's card does not record the prior it was solved with: only models trained "
                          "with method='solve' can be explained or made to forget.")
     return {"prior": training_summary["prior"],
             "damping": training_summary.get("damping", LQFTrainingArguments.damping),
-            "kfac_outputs": training_summary.get("kfac_outputs", LQFTrainingArguments.kfac_outputs)}
+            "kfac_outputs": training_summary.get("kfac_outputs", LQFTrainingArguments.kfac_outputs),
+            "cache_dtype": training_summary.get("cache_dtype", LQFTrainingArguments.cache_dtype)}

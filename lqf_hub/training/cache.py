@@ -56,11 +56,13 @@ class TrunkCache(Dataset):
 def cache_trunk_outputs(
     model: LQFModel, dataset: Dataset, accelerator: Accelerator | None, *, batch_size: int, num_workers: int = 0,
     name: str = "train", memory_limit_gb: float = 4.0, spill_dir: Path | None = None, progress: bool = True,
+    dtype: str = "float32",
 ) -> TrunkCache:
     """Run the frozen trunk over every item of ``dataset`` (items ``{"pixel_values", "label"}``) once, split over
     ``accelerator``'s processes (None: this process alone, on the model's device).
 
-    Caches larger than ``memory_limit_gb`` go to a memory-mapped ``spill_dir/<name>-<pid>.npy``.
+    Caches larger than ``memory_limit_gb`` go to a memory-mapped ``spill_dir/<name>-<pid>.npy``. ``dtype``:
+    "float32" (float64 outputs stay float64) or "float16" (half the memory; outputs beyond its range are refused).
     """
     loader = DataLoader(_Indexed(dataset), batch_size=batch_size, collate_fn=_collate_indexed, num_workers=num_workers)
     if accelerator is not None:
@@ -73,7 +75,11 @@ def cache_trunk_outputs(
         item_digests = _item_digests(pixels, batch_labels).to(device)
         if accelerator is not None:
             indices, z, batch_labels, item_digests = accelerator.gather_for_metrics((indices, z, batch_labels, item_digests))
-        host = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32).cpu().numpy()  # no bf16 in numpy
+        host = z.to(_storage_dtype(z.dtype, dtype)).cpu()  # numpy has no bfloat16
+        if dtype == "float16" and not bool(torch.isfinite(host).all()) and bool(torch.isfinite(z).all()):
+            raise ValueError(f"The trunk outputs reach {float(z.abs().max()):.3g}, beyond float16's range (65504): "
+                             "store them with cache_dtype='float32' (--cache-dtype float32).")
+        host = host.numpy()
         if values is None:
             values = _allocate(len(dataset), host.shape[1:], host.dtype, memory_limit_gb, spill_dir, name)
             labels = torch.empty(len(dataset), dtype=torch.long)
@@ -83,6 +89,14 @@ def cache_trunk_outputs(
         labels[rows] = batch_labels.cpu()
         digests[rows] = item_digests.cpu()
     return TrunkCache(values, labels, digests)
+
+
+def _storage_dtype(computed: torch.dtype, dtype: str) -> torch.dtype:
+    if dtype == "float16":
+        return torch.float16
+    if dtype != "float32":
+        raise ValueError(f"The trunk cache's dtype must be 'float32' or 'float16', got {dtype!r}.")
+    return torch.float64 if computed == torch.float64 else torch.float32
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:

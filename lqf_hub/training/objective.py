@@ -23,12 +23,15 @@ from .arguments import KFACOutputs, LQFTrainingArguments, Prior, objective_setti
 from .cache import TrunkCache, cache_trunk_outputs
 
 
-def trunk_outputs(model: LQFModel, dataset: Dataset, *, batch_size: int = 256, progress: bool = False) -> TrunkCache:
+def trunk_outputs(model: LQFModel, dataset: Dataset, *, batch_size: int = 256, progress: bool = False,
+                  dtype: str | None = None) -> TrunkCache:
     """The frozen trunk's outputs over ``dataset`` (items ``{"pixel_values", "label"}``) in this process, in
-    memory; a ``TrunkCache`` is returned as it is."""
+    memory, stored as ``dtype`` (default: as the model's card records it was solved, else "float32"); a
+    ``TrunkCache`` is returned as it is."""
     if isinstance(dataset, TrunkCache):
         return dataset
-    return cache_trunk_outputs(model, dataset, None, batch_size=batch_size, progress=progress)
+    dtype = dtype or (model.training_summary or {}).get("cache_dtype", LQFTrainingArguments.cache_dtype)
+    return cache_trunk_outputs(model, dataset, None, batch_size=batch_size, progress=progress, dtype=dtype)
 
 
 def prior_kinds(prior: str) -> list[str]:

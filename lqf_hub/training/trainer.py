@@ -10,6 +10,8 @@ if asked, pushed to the Hub.
 
 import dataclasses
 import json
+import resource
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -79,6 +81,7 @@ class LQFTrainer:
         self.output_dir = Path(self.args.output_dir)
         self.history: list[dict[str, Any]] = []
         self.selection: dict[str, Any] | None = None  # the solver's choice of λ and its path, once trained
+        self.stage_seconds: dict[str, float] = {}  # wall seconds of each stage of the last train()
         self._inputs: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------------------------- train
@@ -93,6 +96,7 @@ class LQFTrainer:
         model = self.model.to(acc.device)
         settings = args.settings_fingerprint(model)
         saved, resumed = self._load_resume(settings)  # settings first: refuse before the (long) caching
+        started = time.perf_counter()
         train_data = self.inputs("train")
         data = train_data.fingerprint if isinstance(train_data, TrunkCache) else dataset_fingerprint(train_data)
         self._data_fingerprint = data
@@ -102,6 +106,7 @@ class LQFTrainer:
                 "preprocessing); resume with the same data or start a new run in another --output-dir."
             )
         eval_data = None if self.eval_dataset is None else self.inputs("eval")
+        self.stage_seconds = {"caching": time.perf_counter() - started}
         if resumed is not None:
             self.history = list(resumed.history)
         if args.method == Method.SOLVE.value:
@@ -119,6 +124,7 @@ class LQFTrainer:
         progress = args.progress and acc.is_main_process
         everything = self.data_term()
         metrics = self._objective().priors(prior_kinds(args.prior), saved, everything)
+        self._stage("objective", started)  # the data term's right-hand side and K-FAC: one pass each
         selection = resumed.selection if resumed is not None else None
         if selection is None:
             if len(metrics) == 1 and len(args.ridge_grid) == 1:
@@ -141,6 +147,7 @@ class LQFTrainer:
             self.checkpoint("selection", TrainerState(0, 0, None, settings, data, [], selection), tensors)
         else:
             warm = saved.get("warm_start")
+        self._stage("selection", started)
         self.selection = selection
         metric = metrics[selection.get("prior", args.prior)]  # selections saved before priors were chosen lack it
         start = self._refit_start(everything, metric, selection["ridge"], warm)
@@ -150,15 +157,24 @@ class LQFTrainer:
             for name, part in metric.flat.unflatten(delta).items():
                 model.linearized_parameters[name].copy_(part)
         model.config.ridge = selection["ridge"]
+        self._stage("refit", started)
         self.start_log()
+        selection_passes = selection.get("passes", 0.0)
         record = {"method": Method.SOLVE.value, "prior": metric.kind, "ridge": selection["ridge"],
                   "path_iterations": selection["iterations"], "path_products": selection.get("products", {}),
                   "dropped_priors": selection.get("dropped", {}), "train_loss": certificate.objective,
                   **{k: v for k, v in certificate.to_dict().items() if k not in ("ridge", "prior", "objective")},
-                  "seconds": time.perf_counter() - started}
+                  "selection_passes": selection_passes, "passes": selection_passes + certificate.iterations}
         if eval_data is not None:
             record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
+            self._stage("evaluation", started)
+        record.update(seconds=time.perf_counter() - started, stage_seconds=dict(self.stage_seconds))
         self.log(record)
+
+    def _stage(self, name: str, started: float) -> None:
+        """Record the seconds of stage ``name``: the time since ``started`` less the stages recorded since."""
+        since = sum(v for k, v in self.stage_seconds.items() if k != "caching")
+        self.stage_seconds[name] = time.perf_counter() - started - since
 
     def _refit_start(self, data: DataTerm, metric: PriorMetric, ridge: float, warm: torch.Tensor | None):
         """Where the refit starts: the model's δ (``warm_start``), LQF-head's closed form, the mean of the folds'
@@ -231,8 +247,10 @@ class LQFTrainer:
         if args.method == Method.SOLVE.value:  # the certificate
             summary.update({k: final[k] for k in ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound",
                                                   "iterations", "path_iterations", "path_products", "dropped_priors")})
-            summary.update(damping=args.damping, kfac_outputs=args.kfac_outputs)  # the rest of the objective
-            chosen_by = f"{args.validation_folds}-fold cross-validation over the training images"
+            summary.update(damping=args.damping, kfac_outputs=args.kfac_outputs,  # the rest of the objective
+                           cache_dtype=args.cache_dtype)
+            chosen_by = (self.selection.get("scheme")  # selections saved before the held-out part lack it
+                         or f"{args.validation_folds}-fold cross-validation over the training images")
             summary["ridge_selection"] = chosen_by if len(args.ridge_grid) > 1 else "fixed"
             summary["prior_selection"] = chosen_by if args.prior == Prior.AUTO.value else "fixed"
             summary["selection"] = [
@@ -294,7 +312,7 @@ class LQFTrainer:
                 args = self.args
                 dataset = cache_trunk_outputs(
                     self.model.to(self.accelerator.device), dataset, self.accelerator, batch_size=args.eval_batch_size,
-                    num_workers=args.num_workers, name=split, memory_limit_gb=args.cache_in_memory_gb,
+                    num_workers=args.num_workers, name=split, memory_limit_gb=args.cache_in_memory_gb, dtype=args.cache_dtype,
                     spill_dir=self.output_dir / "cache", progress=args.progress,
                 )
             if isinstance(dataset, TrunkCache):
@@ -368,15 +386,25 @@ class LQFTrainer:
         self.accelerator.wait_for_everyone()
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` to ``history``, ``metrics.jsonl`` and the trackers; print it."""
+        """Append ``record`` (with the peak memory so far) to ``history``, ``metrics.jsonl`` and the trackers; print it."""
+        record.update(peak_memory())
         self.history.append(record)
         acc = self.accelerator
         if not acc.is_main_process:
             return
-        acc.log({k: v for k, v in record.items() if k != "epoch"}, step=record.get("epoch", 0))
+        acc.log({k: v for k, v in record.items() if k != "epoch" and not isinstance(v, dict)}, step=record.get("epoch", 0))
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         summary = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "seconds")
         tqdm.write(f"epoch {record['epoch']}: {summary}" if "epoch" in record else summary)
 
 
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory so far, in GB (and the accelerator's peak allocation, if any)."""
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+    peak = {"peak_rss_gb": kilobytes / (2**30 if sys.platform == "darwin" else 2**20)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_accelerator_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return peak
