@@ -289,3 +289,15 @@ def test_beyond_folds_times_holdout_images_the_priors_race_on_another_part_first
     assert all(p.images == int((race_fold == 0).sum()) for p in selection.paths[loser])  # scored in the race only
     assert all(p.images == int((parts == 0).sum()) for p in selection.points)  # the held-out part
     assert "raced first by 3-fold cross-validation on another 10" in selection.scheme
+
+
+def test_a_large_training_set_is_solved_with_one_held_out_part_and_the_card_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(selection_module, "HOLDOUT_IMAGES", 6)  # 30 images: 5 parts of 6
+    data = toy_images(30, seed=3)
+    record = solve(toy_model(torch.float32), data, tmp_path, ridge_grid=[1.0, 0.1], validation_folds=3)
+    saved = LQFModel.from_pretrained(tmp_path / "run" / "model")
+    assert saved.training_summary["prior_selection"].startswith("one stratified held-out part of 6 of the 30")
+    finalists = [r for r in saved.training_summary["selection"] if r["prior"] not in record["dropped_priors"]]
+    assert finalists and all(r["images"] == 6 for r in finalists)
+    assert record["relative_gradient_norm"] <= 1e-4 and (tmp_path / "run" / "path.png").exists()
+    assert record["passes"] == pytest.approx(record["selection_passes"] + record["iterations"])

@@ -210,7 +210,7 @@ class _Scores:
 def select(
     make_data: Callable[[Tensor], DataTerm], labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
     ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool, race: bool = True,
-    holdout_images: int = HOLDOUT_IMAGES,
+    holdout_images: int | None = None,
 ) -> Selection:
     """Choose the prior among ``metrics`` and λ among ``ridges``: ``make_data(indices) -> DataTerm`` over those
     images; ``keys`` identify the images (see ``stratified_folds``).
@@ -218,12 +218,13 @@ def select(
     Up to ``folds × holdout_images`` images, by ``folds``-fold cross-validation (at most one fold per image);
     with ``race``, a prior whose best loss is worse than the leader's by more than ``RACE_THRESHOLD`` paired
     standard errors after a fold runs no more folds (racing, Maron & Moore 1994). Beyond, on one stratified
-    held-out part of about ``holdout_images`` images (``HOLDOUT_IMAGES``), the priors raced first on another
-    part of that size."""
+    held-out part of about ``holdout_images`` images (default ``HOLDOUT_IMAGES``), the priors raced first on
+    another part of that size."""
     if len(labels) < 2:
         raise ValueError("Choosing λ or the prior needs at least 2 training images; pass one value in "
                          "`ridge_grid` and prior='kfac' or 'isotropic' instead.")
     ridges = sorted(ridges, reverse=True)
+    holdout_images = holdout_images or HOLDOUT_IMAGES
     if len(labels) >= folds * holdout_images:
         return _select_on_held_out_part(make_data, labels, keys, metrics, ridges, folds=folds, seed=seed,
                                         max_iterations=max_iterations, progress=progress, race=race,
