@@ -288,7 +288,28 @@ def test_beyond_folds_times_holdout_images_the_priors_race_on_another_part_first
     race_fold = stratified_folds(labels[parts == 1], keys[parts == 1], 3, seed=0)
     assert all(p.images == int((race_fold == 0).sum()) for p in selection.paths[loser])  # scored in the race only
     assert all(p.images == int((parts == 0).sum()) for p in selection.points)  # the held-out part
-    assert "raced first by 3-fold cross-validation on another 10" in selection.scheme
+    assert "the prior chosen first by 3-fold cross-validation on another 10" in selection.scheme
+
+
+@pytest.mark.usefixtures("float64")
+def test_beyond_folds_times_holdout_images_only_the_prior_the_sample_chose_runs_a_full_path(monkeypatch):
+    """Priors the race keeps are chosen between on the sample (the small-N rule); the others run no path at full N."""
+    from test_solve import _keys, metric_of, problem
+
+    model, z, labels = problem(30)
+    keys = _keys(len(labels))
+    flat = Flat(model.linearization_point)
+    metrics = [metric_of("kfac", model, z, flat), metric_of("isotropic", model, z, flat)]
+    monkeypatch.setattr(selection_module, "RACE_THRESHOLD", math.inf)  # nobody drops
+    make = lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=8)  # noqa: E731
+    selection = select(make, labels, keys, metrics, [1.0, 0.01], folds=3, seed=0, max_iterations=40,
+                       progress=False, holdout_images=10)
+    sample = stratified_folds(labels, keys, 3, seed=0) == 1
+    on_sample = select(lambda rows: make(sample.nonzero().flatten()[rows]), labels[sample], keys[sample], metrics,
+                       [1.0, 0.01], folds=3, seed=0, max_iterations=40, progress=False)
+    assert selection.prior == on_sample.prior  # the sample's choice of the prior, λ its own
+    [other] = [m.kind for m in metrics if m.kind != selection.prior]
+    assert selection.dropped == {other: 3} and selection.paths[other] == on_sample.paths[other]
 
 
 def test_a_large_training_set_is_solved_with_one_held_out_part_and_the_card_says_so(tmp_path, monkeypatch):
