@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments, TrainingDiverged
-from lqf_hub.compare.baselines import accuracy, fine_tune, probe_accuracy
+from lqf_hub.compare.baselines import accuracy, fine_tune, probe_scores
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(LQFConfig)}
@@ -89,7 +89,7 @@ def run_probe(trainer: LQFTrainer | None, train, test, num_classes: int, args) -
         model.set_image_size(args.image_size)
         trainer = LQFTrainer(model, with_transform(train, model.data_config), with_transform(test, model.data_config),
                              LQFTrainingArguments(output_dir=tempfile.mkdtemp(), progress=False))
-    acc = probe_accuracy(trainer.features("train"), trainer.features("eval"), num_classes)
+    acc = probe_scores(trainer.features("train"), trainer.features("eval"), num_classes)["accuracy"]
     return {"accuracy": acc, "seconds": time.perf_counter() - started}
 
 

@@ -73,6 +73,10 @@ class LQFConfig:
     ridge: float = field(
         default=1e-4, metadata={"help": "lambda: (lambda/2)||w - w0||^2 pulls the weights towards w0."}
     )
+    temperature: float = field(
+        default=1.0, metadata={"help": "T of predict_proba's softmax(f / T); the solver fits it on its out-of-fold "
+                                       "predictions."}
+    )
     head_init: str = field(
         default="random",
         metadata={"help": "Head linearization point: 'random', 'zeros' or 'pretrained'.", "choices": HeadInit},
@@ -101,6 +105,8 @@ class LQFConfig:
             raise ValueError(f"`target_scale` must be > 0, got {self.target_scale}.")
         if not self.ridge >= 0:
             raise ValueError(f"`ridge` must be >= 0, got {self.ridge}.")
+        if not self.temperature > 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
         if self.num_classes < 0:
             raise ValueError(f"`num_classes` must be >= 1, got {self.num_classes}.")
         if self.head_init == HeadInit.ZEROS.value and self.linearize != "head":

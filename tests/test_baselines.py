@@ -1,11 +1,12 @@
 """The baselines LQF is compared with: the linear probe against scikit-learn, fine-tuning on a toy task."""
 
 import numpy as np
+import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from lqf_hub.compare.baselines import accuracy, fine_tune, linear_probe, probe_accuracy
+from lqf_hub.compare.baselines import accuracy, fine_tune, linear_probe, probe_scores
 
 
 def test_linear_probe_matches_scikit_learn_logistic_regression():
@@ -21,10 +22,15 @@ def test_linear_probe_matches_scikit_learn_logistic_regression():
     np.testing.assert_allclose(ours, reference.predict_proba(standardised), atol=1e-6)
 
 
-def test_probe_accuracy_counts_correct_test_predictions():
+def test_probe_scores_count_correct_test_predictions_and_score_its_softmax():
     x = torch.tensor([[-2.0], [-1.0], [1.0], [2.0]])
     y = torch.tensor([0, 0, 1, 1])
-    assert probe_accuracy((x, y), (torch.tensor([[-3.0], [3.0], [0.5]]), torch.tensor([0, 1, 0])), 2) == 2 / 3
+    test = torch.tensor([[-3.0], [3.0], [0.5]]), torch.tensor([0, 1, 0])
+    scores = probe_scores((x, y), test, 2)
+    assert scores["accuracy"] == 2 / 3
+    with torch.no_grad():
+        probabilities = linear_probe(x, y, 2)(test[0]).double().softmax(-1)
+    assert scores["nll"] == pytest.approx(float(-probabilities[[0, 1, 2], test[1]].log().mean()))
 
 
 def test_fine_tune_fits_a_separable_task_and_leaves_the_network_untouched():

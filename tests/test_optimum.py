@@ -145,6 +145,12 @@ def test_cross_validation_scores_are_the_refits_without_each_fold(monkeypatch):
         if point.ridge == selection.ridge:  # the refit starts from the mean of the folds' optima at the choice
             folds_mean = sum(closed_form(j[rows != f], residual[rows != f], point.ridge, metric) for f in range(3)) / 3
             assert (selection.warm_start - folds_mean).norm() / folds_mean.norm() < 1e-8
+            outputs = torch.cat([model.config.target_scale * torch.nn.functional.one_hot(labels[folds == f], NUM_CLASSES)
+                                 - (residual[rows == f] - j[rows == f] @ closed_form(j[rows != f], residual[rows != f],
+                                                                                    point.ridge, metric)
+                                    ).reshape(-1, NUM_CLASSES) for f in range(3)])  # fold by fold: the temperature's data
+            assert torch.allclose(selection.out_of_fold[0], outputs, rtol=1e-8, atol=1e-8)
+            assert torch.equal(selection.out_of_fold[1], torch.cat([labels[folds == f] for f in range(3)]))
     best = min(losses_of, key=lambda r: float(losses_of[r].mean()))
     margin = float(losses_of[best].std()) / len(labels) ** 0.5
     assert selection.ridge == max(r for r in losses_of if float(losses_of[r].mean()) <= float(losses_of[best].mean()) + margin)
@@ -219,11 +225,15 @@ def test_paired_z_is_the_paired_t_statistic():
     class Held:
         count, f0, labels = 9, torch.zeros(1), torch.arange(9) % 3
         model = type("Model", (), {"num_classes": 3})
-        reduce_sum = staticmethod(lambda t: t)
+        reduce_sum = gather = staticmethod(lambda t: t)
 
         @staticmethod
-        def sample_scores(delta):
-            return losses[("a", 1.0) if float(delta[0]) == 0 else ("b", 1.0)], torch.ones(9, dtype=torch.bool)
+        def outputs(delta):
+            return torch.full((9, 3), float(delta[0]))
+
+        @staticmethod
+        def scores_of(out):
+            return losses[("a", 1.0) if float(out[0, 0]) == 0 else ("b", 1.0)], torch.ones(9, dtype=torch.bool)
 
     class Path:
         def __init__(self, value):

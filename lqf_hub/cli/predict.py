@@ -8,7 +8,7 @@ from .common import checkpoint_source, image_files, model_arguments, model_from_
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """``lqf-hub predict``'s options."""
-    predict = commands.add_parser("predict", help="Classify image files or folders.")
+    predict = commands.add_parser("predict", help="Classify image files or folders (calibrated probabilities).")
     model_arguments(predict, None, "LQF checkpoint, or a timm name / HF repo id (its own ImageNet classes).")
     predict.add_argument("images", nargs="+", help="Image files or folders of images.")
     predict.add_argument("--top-k", type=int, default=3, help="Classes per image. Default: 3.")
@@ -16,7 +16,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-    import torch
     from PIL import Image, UnidentifiedImageError
 
     from ..config import LQFConfig
@@ -37,8 +36,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
         except (UnidentifiedImageError, OSError, ValueError) as err:
             errors.append(f"cannot read {path}: {err}")
             continue
-        with torch.no_grad():
-            probs = model(pixels).softmax(-1)[0]
+        probs = model.predict_proba(pixels)[0]  # softmax(f / T), T fitted on the solver's out-of-fold predictions
         top = probs.topk(min(args.top_k, model.num_classes))
         rows.append({"image": str(path), "predictions": [
             {"label": model.config.id2label[int(i)], "score": round(float(p), 4)} for p, i in zip(top.values, top.indices)]})

@@ -47,13 +47,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     from ..training.arguments import LQFTrainingArguments
 
     add_dataclass_options(train.add_argument_group("LQF (LQFConfig)"), LQFConfig, "config.",
-                          exclude={"num_classes", "id2label", "backbone"}, rename={"seed": "head-seed"})
+                          exclude={"num_classes", "id2label", "backbone", "temperature"}, rename={"seed": "head-seed"})
     add_dataclass_options(train.add_argument_group("training (LQFTrainingArguments)"), LQFTrainingArguments,
                           "training.", exclude={"dataset_name", "eval_split_name", "hub_token"})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from ..compare.baselines import probe_accuracy
+    from ..compare.baselines import probe_scores
     from ..data import MissingSplit, class_names, load_image_dataset, sample_shots, split_validation, with_transform
     from ..files import atomic_write_text
     from ..training.arguments import LQFTrainingArguments
@@ -98,12 +98,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     final = trainer.train()[-1]
     result = {"model": args.model, "dataset": args.dataset, "method": training.method,
               "train_samples": len(train_data), "eval_samples": len(eval_data), "test_accuracy": final["eval_accuracy"],
-              "test_loss": final["eval_loss"]}
+              "test_loss": final["eval_loss"], **{f"test_{k}": final[f"eval_{k}"] for k in ("nll", "ece", "brier")}}
     solved = ("prior", "ridge", "relative_gradient_norm", "suboptimality_bound", "iterations", "path_iterations",
-              "path_products", "dropped_priors", "selection_passes", "passes", "seconds", "stage_seconds")
+              "path_products", "dropped_priors", "selection_passes", "passes", "temperature", "seconds", "stage_seconds")
     result.update({k: final[k] for k in (solved if "ridge" in final else ("epoch", "learning_rate"))})
     if not args.no_probe:
-        result["probe_accuracy"] = probe_accuracy(trainer.features("train"), trainer.features("eval"), len(names))
+        probe = probe_scores(trainer.features("train"), trainer.features("eval"), len(names))
+        result.update({f"probe_{k}": v for k, v in probe.items()})
     result.update(peak_memory())  # the whole command's, probe included
     if state.is_main_process:  # every candidate's path in the file, not on the terminal
         selection = {"selection": model.training_summary.get("selection", [])} if "ridge" in final else {}

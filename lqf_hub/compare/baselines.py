@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data import collate
+from ..modeling.calibration import probability_metrics
 
 
 def linear_probe(
@@ -43,12 +44,15 @@ def linear_probe(
     return head
 
 
-def probe_accuracy(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int) -> float:
-    """Accuracy on ``test`` of a ``linear_probe`` fitted on ``train``: (features ``[N, D]``, labels ``[N]``)."""
+def probe_scores(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int) -> dict[str, float]:
+    """Accuracy, and NLL, ECE and Brier score of the softmax, on ``test`` of a ``linear_probe`` fitted on
+    ``train``: (features ``[N, D]``, labels ``[N]``)."""
     head = linear_probe(*train, num_classes)
     features, labels = test
     with torch.no_grad():
-        return int((head(features).argmax(-1) == labels).sum()) / len(labels)
+        logits = head(features)
+    return {"accuracy": int((logits.argmax(-1) == labels).sum()) / len(labels),
+            **probability_metrics(logits.double().softmax(-1), labels)}
 
 
 def fine_tune(

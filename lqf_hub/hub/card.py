@@ -29,7 +29,8 @@ def model_card(model: Checkpointable, config: Mapping[str, Any], repo_id: str) -
     settings = {
         "backbone": f"{lqf.backbone_name} ({lqf.backbone.library})",
         "linearized": lqf.linearize, "activation": lqf.activation, "leaky slope": lqf.leaky_slope,
-        "target scale α": lqf.target_scale, "ridge λ": lqf.ridge, "head init": lqf.head_init,
+        "target scale α": lqf.target_scale, "ridge λ": lqf.ridge, "temperature T": lqf.temperature,
+        "head init": lqf.head_init,
         "classes": lqf.num_classes, "weights stored": "full (base + delta)" if config["base"] == "full"
         else f"delta only; base sha256 {config['base_sha256'][:16]}…",
     }

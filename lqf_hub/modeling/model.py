@@ -203,6 +203,12 @@ class LQFModel(nn.Module):
             z = self._trunk(pixel_values, trunk_output)
             return linearized(self.tail_function(z), self.linearization_point, self.linearized_parameters)
 
+    @torch.no_grad()
+    def predict_proba(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None) -> Tensor:
+        """Calibrated class probabilities ``softmax(f / T)`` with the temperature the solver fitted on its
+        out-of-fold predictions (``config.temperature``): ``[B, C, H, W]`` (or a ``trunk_output``) -> ``[B, K]``."""
+        return (self(pixel_values, trunk_output=trunk_output) / self.config.temperature).softmax(-1)
+
     def base_forward(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None) -> Tensor:
         """The network at the linearization point, ``f(x; w0)``, with the same head: ``[B, K]``."""
         with torch.no_grad(), self._activations(check=trunk_output is None):

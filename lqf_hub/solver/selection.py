@@ -91,6 +91,7 @@ class Selection:
     warm_start: Tensor | None = field(default=None, repr=False)  # mean of the folds' δ at the choice [P]
     passes: float = 0.0  # the paths' products in passes over all the training images (a fold's fit: (K − 1)/K)
     scheme: str = ""  # how the images were split, in words (for the card)
+    out_of_fold: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # at the choice: outputs [n, C], labels [n]
 
     @property
     def points(self) -> list[PathPoint]:
@@ -154,14 +155,18 @@ class _Scores:
         self.class_images: Tensor | None = None  # [columns, C]
         self.residual = torch.zeros(size, dtype=torch.float64)
         self.solutions: dict[tuple[str, float], Tensor] = {}
+        self.out_of_fold: dict[tuple[str, float], list[tuple[Tensor, Tensor]]] = {}  # (outputs [n, C], labels [n])
 
     def add_fold(self, held: DataTerm, paths: dict, ridges: list[float]) -> None:
         """Score ``paths`` (kind -> path) on the held-out images at every λ of ``ridges``."""
         columns = [(kind, r) for kind in paths for r in ridges]
         losses, correct = [], []
+        labels = held.gather(held.labels).cpu()
         for kind, ridge in columns:
             delta = paths[kind].solution(ridge)
-            sample_losses, sample_correct = held.sample_scores(delta)
+            outputs = held.outputs(delta)
+            sample_losses, sample_correct = held.scores_of(outputs)
+            self.out_of_fold.setdefault((kind, ridge), []).append((held.gather(outputs.double()).cpu(), labels))
             losses.append(sample_losses)
             correct.append(sample_correct.double())
             self.residual[self.index[kind, ridge]] = max(float(self.residual[self.index[kind, ridge]]),
@@ -183,6 +188,11 @@ class _Scores:
         self.class_correct[rows] += total[2 * size + size * size:-count].reshape(size, count)
         self.class_images[rows] += total[-count:]
         self.images[rows] += held.count
+
+    def predictions(self, column: tuple[str, float]) -> tuple[Tensor, Tensor]:
+        """Every scored image's out-of-fold outputs ``[n, C]`` (float64) and labels ``[n]`` at ``column``."""
+        outputs, labels = zip(*self.out_of_fold[column])
+        return torch.cat(outputs), torch.cat(labels)
 
     def best(self, kind: str, ridges: list[float]) -> tuple[str, float]:
         """The column of ``kind``'s lowest mean loss."""
@@ -239,7 +249,8 @@ def select(
     return Selection(prior, ridge, {m.kind: found.scores.points(m.kind, ridges) for m in metrics},
                      sum(found.products.values()), found.products, found.dropped,
                      found.scores.solutions[prior, ridge] / folds, passes=found.image_products / len(labels),
-                     scheme=f"{folds}-fold cross-validation over the training images")
+                     scheme=f"{folds}-fold cross-validation over the training images",
+                     out_of_fold=found.scores.predictions((prior, ridge)))
 
 
 def _select_on_held_out_part(
@@ -282,7 +293,7 @@ def _select_on_held_out_part(
                      sum(products.values()), products, dropped, scores.solutions[prior, ridge],
                      passes=image_products / len(labels),
                      scheme=f"one stratified held-out part of {len(held_rows)} of the {len(labels)} training "
-                            f"images{sampled}")
+                            f"images{sampled}", out_of_fold=scores.predictions((prior, ridge)))
 
 
 def _path(fit: DataTerm, metric: PriorMetric, ridges: list[float], max_iterations: int, progress: bool,

@@ -114,7 +114,7 @@ class DataTerm:
         reduce_sum: ReduceSum = lambda t: t, rank: int = 0, world: int = 1,
     ) -> None:
         self.model, self.batch_size, self.reduce_sum = model, batch_size, reduce_sum
-        self.count = len(labels)
+        self.count, self.rank, self.world = len(labels), rank, world
         self.flat = Flat(model.linearization_point)
         device = self.flat.device
         self.dtype = model.net.head.weight.dtype
@@ -179,9 +179,19 @@ class DataTerm:
 
     def sample_scores(self, delta: Tensor) -> tuple[Tensor, Tensor]:
         """Per sample of this shard, for ``f0 + J·δ``: ½‖f_lin − αy‖² ``[n]`` (float64) and correct ``[n]`` (bool)."""
-        out = self.outputs(delta)
+        return self.scores_of(self.outputs(delta))
+
+    def scores_of(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``sample_scores`` of this shard's outputs ``out [n, C]``."""
         targets = self.model.config.target_scale * F.one_hot(self.labels, self.model.num_classes)
         return 0.5 * (out.double() - targets).square().sum(-1), out.argmax(-1) == self.labels
+
+    def gather(self, local: Tensor) -> Tensor:
+        """This shard's rows ``[n, ...]`` in their places among all the term's samples, from every process:
+        ``[N, ...]`` (in the order the term was given them)."""
+        full = local.new_zeros(self.count, *local.shape[1:])
+        full[self.rank::self.world] = local
+        return self.reduce_sum(full)
 
 
 # ------------------------------------------------------------------------------------ every λ at once

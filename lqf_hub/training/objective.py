@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data import collate
+from ..modeling.calibration import probability_metrics
 from ..modeling.loss import data_loss
 from ..modeling.model import LQFModel
 from ..solver.kfac import KFAC
@@ -104,22 +105,36 @@ def model_inputs(items: list, cache_trunk: bool) -> tuple[dict[str, Tensor], Ten
 
 
 @torch.no_grad()
+def predictions(model: LQFModel, batches: Iterator[tuple[dict[str, Tensor], Tensor]],
+                gather: Callable[[Any], Any] | None = None) -> tuple[Tensor, Tensor]:
+    """The linearized model's outputs ``[N, K]`` and the labels ``[N]`` over ``batches`` (``(inputs, labels)``), on
+    the CPU; ``gather`` collects each batch's outputs and labels from every process."""
+    outputs, labels = [], []
+    for inputs, batch_labels in batches:
+        logits = model(**inputs)
+        logits, batch_labels = gather((logits, batch_labels)) if gather is not None else (logits, batch_labels)
+        outputs.append(logits.cpu())
+        labels.append(batch_labels.cpu())
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def scores(model: LQFModel, outputs: Tensor, labels: Tensor) -> dict[str, float]:
+    """Accuracy, MSE loss, and NLL, ECE and Brier score of the calibrated probabilities ``softmax(f / T)``."""
+    probabilities = (outputs.double() / model.config.temperature).softmax(-1)
+    return {"accuracy": float((outputs.argmax(-1) == labels).double().mean()),
+            "loss": float(data_loss(outputs, labels, model.config.target_scale)),
+            **probability_metrics(probabilities, labels)}
+
+
 def evaluate(model: LQFModel, batches: Iterator[tuple[dict[str, Tensor], Tensor]],
              gather: Callable[[Any], Any] | None = None) -> dict[str, float]:
-    """Accuracy and MSE loss of the linearized model over ``batches`` (``(inputs, labels)``); ``gather``
-    collects each batch's outputs and labels from every process."""
-    correct = count = loss_sum = 0.0
-    for inputs, labels in batches:
-        logits = model(**inputs)
-        logits, labels = gather((logits, labels)) if gather is not None else (logits, labels)
-        correct += float((logits.argmax(-1) == labels).sum())
-        loss_sum += float(data_loss(logits, labels, model.config.target_scale)) * len(labels)
-        count += len(labels)
-    return {"accuracy": correct / count, "loss": loss_sum / count}
+    """``scores`` of the linearized model over ``batches`` (``(inputs, labels)``); ``gather`` collects each
+    batch's outputs and labels from every process."""
+    return scores(model, *predictions(model, batches, gather))
 
 
 def evaluate_dataset(model: LQFModel, dataset: Dataset, *, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy and MSE loss of ``model`` on ``dataset`` (items ``{"pixel_values", "label"}``), one process."""
+    """``scores`` of ``model`` on ``dataset`` (items ``{"pixel_values", "label"}``), one process."""
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda items: model_inputs(items, False))
     return evaluate(model, (({k: v.to(device) for k, v in x.items()}, y.to(device)) for x, y in loader))

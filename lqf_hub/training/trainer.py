@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError
 from ..files import atomic_write_text
+from ..modeling.calibration import fit_temperature, plot_reliability
 from ..modeling.model import LQFModel
 from ..solver.kfac import KFAC
 from ..solver.selection import Selection, plot_path, select
 from ..solver.solve import DataTerm, HeadPath, PriorMetric, solve
 from .arguments import LQFTrainingArguments, Method, Prior
 from .cache import TrunkCache, cache_trunk_outputs, dataset_fingerprint
-from .objective import Objective, build_kfac, evaluate, model_inputs, prior_kinds
+from .objective import Objective, build_kfac, model_inputs, predictions, prior_kinds, scores
 from .sgd import SGDLoop
 from .state import TrainerState, load_trainer_checkpoint, prune_checkpoints, save_trainer_checkpoint
 
@@ -140,6 +141,8 @@ class LQFTrainer:
                 if acc.is_main_process:
                     plot_path(found, self.output_dir / "path.png")
                 warm = found.warm_start
+                if found.out_of_fold is not None:
+                    selection["temperature"] = fit_temperature(*found.out_of_fold)
             kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else None
             tensors = {f"kfac/{k}": v for k, v in kfac.state_dict().items()} if kfac is not None else {}
             if warm is not None:
@@ -157,6 +160,7 @@ class LQFTrainer:
             for name, part in metric.flat.unflatten(delta).items():
                 model.linearized_parameters[name].copy_(part)
         model.config.ridge = selection["ridge"]
+        model.config.temperature = selection.get("temperature", 1.0)
         self._stage("refit", started)
         self.start_log()
         selection_passes = selection.get("passes", 0.0)
@@ -165,8 +169,13 @@ class LQFTrainer:
                   "dropped_priors": selection.get("dropped", {}), "train_loss": certificate.objective,
                   **{k: v for k, v in certificate.to_dict().items() if k not in ("ridge", "prior", "objective")},
                   "selection_passes": selection_passes, "passes": selection_passes + certificate.iterations}
+        record["temperature"] = model.config.temperature
         if eval_data is not None:
-            record.update({f"eval_{k}": v for k, v in self.evaluate(eval_data).items()})
+            outputs, labels = self.predictions(eval_data)
+            record.update({f"eval_{k}": v for k, v in scores(model, outputs, labels).items()})
+            if acc.is_main_process:
+                plot_reliability((outputs.double() / model.config.temperature).softmax(-1), labels,
+                                 self.output_dir / "reliability.png")
             self._stage("evaluation", started)
         record.update(seconds=time.perf_counter() - started, stage_seconds=dict(self.stage_seconds))
         self.log(record)
@@ -264,7 +273,8 @@ class LQFTrainer:
             summary["train_data"] = {**self.train_source, "fingerprint": self._data_fingerprint}
         if self.eval_dataset is not None and "eval_accuracy" in final:
             summary["eval_samples"] = len(self.eval_dataset)
-            summary["metrics"] = {"accuracy": final["eval_accuracy"], "mse_loss": final["eval_loss"]}
+            summary["metrics"] = {"accuracy": final["eval_accuracy"], "mse_loss": final["eval_loss"],
+                                  **{k: final[f"eval_{k}"] for k in ("nll", "ece", "brier") if f"eval_{k}" in final}}
         return summary
 
     # ------------------------------------------------------------------------------- the artifact
@@ -290,12 +300,17 @@ class LQFTrainer:
 
     # --------------------------------------------------------------------------------- evaluate
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
-        """Accuracy and MSE loss of the linearized model on ``dataset`` (default: the eval set)."""
+        """Accuracy, MSE loss, and NLL, ECE and Brier score of the calibrated probabilities on ``dataset``
+        (default: the eval set)."""
+        return scores(self.model, *self.predictions(dataset))
+
+    def predictions(self, dataset: Dataset | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linearized model's outputs ``[N, K]`` and labels ``[N]`` on ``dataset`` (default: the eval set)."""
         dataset = self.inputs("eval") if dataset is None else dataset
         acc = self.accelerator
         loader = acc.prepare_data_loader(DataLoader(dataset, batch_size=self.args.eval_batch_size,
                                                     collate_fn=self.collate, num_workers=self.args.num_workers))
-        return evaluate(self.model, iter(loader), acc.gather_for_metrics)
+        return predictions(self.model, iter(loader), acc.gather_for_metrics)
 
     # ------------------------------------------------------------------------------------- data
     def inputs(self, split: str) -> Dataset:
