@@ -181,6 +181,7 @@ def test_forgetting_equals_retraining_without_the_images(tmp_path):
     model = toy_model()
     LQFTrainer(model, images, None, LQFTrainingArguments(output_dir=str(tmp_path / "full"), prior="kfac", **args)).train()
     before = deltas(model).clone()
+    model.config.temperature = 2.5  # as if fitted: a fixed λ keeps it
     other = LQFTrainingArguments(output_dir=str(tmp_path / "forgot"), prior="isotropic", **args)  # the model's prior wins
     new, record = forget(model, images, [11, 2, 5, 2], other)
     assert torch.equal(deltas(model), before)  # the original is left as it was
@@ -194,7 +195,7 @@ def test_forgetting_equals_retraining_without_the_images(tmp_path):
     saved = LQFModel.from_pretrained(tmp_path / "forgot" / "model")
     assert saved.training_summary["forgotten"]["removed"] == [2, 5, 11]
     assert saved.training_summary["train_samples"] == 17 and saved.training_summary["relative_gradient_norm"] <= 1e-9
-    assert saved.training_summary["prior"] == record["prior"] == "kfac"
+    assert saved.training_summary["prior"] == record["prior"] == "kfac" and saved.config.temperature == 2.5
     assert "2, 5, 11" in (tmp_path / "forgot" / "model" / "README.md").read_text()
 
 

@@ -243,7 +243,7 @@ def select(
                                         max_iterations=max_iterations, progress=progress, race=race,
                                         holdout_images=holdout_images)
     folds = min(folds, len(labels))
-    found = _race(make_data, torch.arange(len(labels)), labels, keys, metrics, ridges, folds=folds, seed=seed,
+    found = _race(make_data, labels, keys, metrics, ridges, folds=folds, seed=seed,
                   max_iterations=max_iterations, progress=progress, race=race)
     prior, ridge = found.choice()
     return Selection(prior, ridge, {m.kind: found.scores.points(m.kind, ridges) for m in metrics},
@@ -269,7 +269,7 @@ def _select_on_held_out_part(
     sampled = ""
     if race and len(metrics) > 1:
         sample = (parts == 1).nonzero().flatten()
-        raced = _race(lambda rows: make_data(sample[rows]), sample, labels[sample], keys[sample], metrics, ridges,
+        raced = _race(lambda rows: make_data(sample[rows]), labels[sample], keys[sample], metrics, ridges,
                       folds=folds, seed=seed, max_iterations=max_iterations, progress=progress, race=True,
                       until_one_left=True)
         prior = raced.choice()[0]
@@ -323,12 +323,12 @@ class _Raced:
 
 
 def _race(
-    make_data: Callable[[Tensor], DataTerm], rows: Tensor, labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
+    make_data: Callable[[Tensor], DataTerm], labels: Tensor, keys: Tensor, metrics: list[PriorMetric],
     ridges: list[float], *, folds: int, seed: int, max_iterations: int, progress: bool, race: bool,
     until_one_left: bool = False,
 ) -> _Raced:
-    """K-fold cross-validation of every prior's path over the images ``rows`` (``make_data`` takes positions
-    in ``rows``), dropping priors that fall behind after a fold; ``until_one_left``: stop once one prior runs."""
+    """K-fold cross-validation of every prior's path over the images of ``labels`` (``make_data`` takes their
+    positions), dropping priors that fall behind after a fold; ``until_one_left``: stop once one prior runs."""
     assignment = stratified_folds(labels, keys, folds, seed)  # every fold holds images: the deal is balanced
     scores = _Scores([(m.kind, r) for m in metrics for r in ridges])
     running = {m.kind: m for m in metrics}

@@ -160,7 +160,8 @@ class LQFTrainer:
             for name, part in metric.flat.unflatten(delta).items():
                 model.linearized_parameters[name].copy_(part)
         model.config.ridge = selection["ridge"]
-        model.config.temperature = selection.get("temperature", 1.0)
+        # fitted where the solver chose λ; a fixed λ (forget: the model's own) keeps the model's temperature
+        model.config.temperature = selection.get("temperature", model.config.temperature)
         self._stage("refit", started)
         self.start_log()
         selection_passes = selection.get("passes", 0.0)
