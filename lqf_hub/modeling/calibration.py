@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from torch import Tensor
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from ..plotting import save_png, subplots
 
@@ -41,6 +40,8 @@ def fit_temperature(outputs: Tensor, labels: Tensor) -> float:
 def probability_metrics(probabilities: Tensor, labels: Tensor) -> dict[str, float]:
     """NLL, expected calibration error (15 equal-width bins, top class) and Brier score (Σ_c (p_c − y_c)², mean
     over images) of ``probabilities [n, C]`` against ``labels [n]``."""
+    from torchmetrics.functional.classification import multiclass_calibration_error  # seconds to import: when used
+
     probabilities, labels = probabilities.detach().double(), labels.long()
     onehot = F.one_hot(labels, probabilities.shape[1]).double()
     return {"nll": float(-probabilities.gather(1, labels[:, None]).clamp_min(1e-300).log().mean()),
