@@ -39,6 +39,13 @@ from lqf_hub.solver.curvature import gauss_newton_batch  # noqa: E402
 NUM_CLASSES = 10
 
 
+def random_network(name: str) -> torch.nn.Module:
+    """``name`` with random weights; ResNets without timm's zero-initialised last BatchNorm of each block, whose
+    zero scale would make the Jacobian of the block's other weights, and so their curvature, exactly zero."""
+    extra = {"zero_init_last": False} if name.startswith("resnet") else {}
+    return timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **extra)
+
+
 def product_against_step(name: str, dtype: torch.dtype, batch: int, image_size: int, device: str,
                          repeats: int) -> dict:
     """Median seconds of a product with G (whole network linearized) and of a fine-tuning step, one batch each."""
@@ -47,7 +54,7 @@ def product_against_step(name: str, dtype: torch.dtype, batch: int, image_size: 
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     targets = step_cost._targets(batch, device)
 
-    network = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES).to(device).eval()
+    network = random_network(name).to(device).eval()
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=0.9)
 
     def fine_tune_step() -> None:
@@ -57,8 +64,7 @@ def product_against_step(name: str, dtype: torch.dtype, batch: int, image_size: 
         (0.5 * (out.float() - targets).square().sum(-1).mean()).backward()
         optimizer.step()
 
-    model = LQFModel.from_timm(timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES), NUM_CLASSES,
-                               LQFConfig(linearize="all")).to(device)
+    model = LQFModel.from_timm(random_network(name), NUM_CLASSES, LQFConfig(linearize="all")).to(device)
     z = model.encode_trunk(x)
     with torch.no_grad(), autocast:
         base = model.base_forward(trunk_output=z)
@@ -97,8 +103,7 @@ def synthetic_images(count: int, image_size: int, seed: int = 0) -> list[dict]:
 
 def certified_solve(name: str, images: int, image_size: int, linearize: str, directory: Path) -> dict:
     """The trainer's default solve on synthetic images: stage seconds, products, passes, peak memory."""
-    model = LQFModel.from_timm(timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES), NUM_CLASSES,
-                               LQFConfig(linearize=linearize))
+    model = LQFModel.from_timm(random_network(name), NUM_CLASSES, LQFConfig(linearize=linearize))
     train, test = synthetic_images(images, image_size), synthetic_images(max(images // 5, 10), image_size, seed=1)
     args = LQFTrainingArguments(output_dir=str(directory / name), progress=False, cache_dtype="float16")
     record = LQFTrainer(model, train, test, args).train()[-1]
@@ -127,8 +132,11 @@ def main() -> None:
 
     if "step_cost" in args.parts:
         for dtype in ("float32", "bfloat16"):
-            step_cost.main(["--models", *models, "--batch-size", str(batch), "--device", device, "--dtype", dtype,
-                            "--repeats", str(repeats), "--out", str(args.out / f"step_cost_{dtype}.md")])
+            # CPU autocast does not reach torch.func.jvp's functional_call: the naive reference is GPU-only in bf16
+            variants = ["ft", "lqf-all", "lqf-tail", "lqf-cached", "probe"] if (device, dtype) == ("cpu", "bfloat16") \
+                else ["ft", "lqf-all", "naive-all", "lqf-tail", "lqf-cached", "probe"]
+            step_cost.main(["--models", *models, "--variants", *variants, "--batch-size", str(batch), "--device", device,
+                            "--dtype", dtype, "--repeats", str(repeats), "--out", str(args.out / f"step_cost_{dtype}.md")])
     if "products" in args.parts:
         rows = [product_against_step(m, dtype, batch, 224, device, repeats)
                 for m in models for dtype in (torch.float32, torch.bfloat16)]

@@ -272,8 +272,8 @@ def test_a_float16_cache_halves_the_memory_and_solves_the_objective_of_the_store
     data = toy_images(12, seed=16)
     half, rounded = toy_model(), toy_model()
     args = {"method": "solve", "prior": "isotropic", "ridge_grid": [0.1], "tolerance": 1e-10, "progress": False}
-    trainer = LQFTrainer(half, data, None, LQFTrainingArguments(output_dir=str(tmp_path / "half"), cache_dtype="float16",
-                                                                **args))
+    trainer = LQFTrainer(half, data, toy_images(6, seed=18),  # evaluation reads the float16 cache too
+                         LQFTrainingArguments(output_dir=str(tmp_path / "half"), cache_dtype="float16", **args))
     record = trainer.train()[-1]
     stored = trainer.inputs("train")
     assert stored.values.dtype == np.float16
@@ -284,7 +284,8 @@ def test_a_float16_cache_halves_the_memory_and_solves_the_objective_of_the_store
     LQFTrainer(rounded, as_solved, None, LQFTrainingArguments(output_dir=str(tmp_path / "rounded"), **args)).train()
     assert torch.equal(deltas(half), deltas(rounded))
     assert objective_settings(half.training_summary)["cache_dtype"] == "float16"
-    assert set(record["stage_seconds"]) == {"caching", "objective", "selection", "refit"}
+    assert set(record["stage_seconds"]) == {"caching", "objective", "selection", "refit", "evaluation"}
+    assert 0 <= record["eval_accuracy"] <= 1
     assert record["passes"] == record["iterations"] and record["peak_rss_gb"] > 0.1
 
 

@@ -285,7 +285,9 @@ class LQFModel(nn.Module):
     def _trunk(self, pixel_values: Tensor | None, trunk_output: Tensor | None) -> Tensor:
         if (pixel_values is None) == (trunk_output is None):
             raise ValueError("Pass exactly one of `pixel_values` and `trunk_output`.")
-        return self._encode(pixel_values) if trunk_output is None else trunk_output
+        if trunk_output is None:
+            return self._encode(pixel_values)
+        return trunk_output.to(self.net.head.weight.dtype)  # a float16 trunk cache into a float32 model
 
     def _encode(self, pixel_values: Tensor) -> Tensor:
         self._check_pixels(pixel_values)
