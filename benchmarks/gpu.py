@@ -22,9 +22,7 @@ Sizes: ``--batch-size`` (default 128), ``--images`` (default 10 000); ``--tiny``
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -49,7 +47,6 @@ def random_network(name: str) -> torch.nn.Module:
 def product_against_step(name: str, dtype: torch.dtype, batch: int, image_size: int, device: str,
                          repeats: int) -> dict:
     """Median seconds of a product with G (whole network linearized) and of a fine-tuning step, one batch each."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     targets = step_cost._targets(batch, device)
@@ -74,18 +71,8 @@ def product_against_step(name: str, dtype: torch.dtype, batch: int, image_size: 
         with autocast:
             gauss_newton_batch(model, z, vector, base)
 
-    seconds = {}
-    for label, call in (("fine_tune_step", fine_tune_step), ("product", product)):
-        for _ in range(2):
-            call()
-        sync()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            call()
-            sync()
-            times.append(time.perf_counter() - started)
-        seconds[label] = statistics.median(times)
+    seconds = {label: step_cost._measure(call, device, repeats)[0]  # median seconds, after two warm-up calls
+               for label, call in (("fine_tune_step", fine_tune_step), ("product", product))}
     return {"model": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
             "fine_tune_images_per_second": batch / seconds["fine_tune_step"],
             "product_images_per_second": batch / seconds["product"],
@@ -93,9 +80,10 @@ def product_against_step(name: str, dtype: torch.dtype, batch: int, image_size: 
 
 
 def synthetic_images(count: int, image_size: int, seed: int = 0) -> list[dict]:
-    """Class prototypes plus noise: ``count`` items ``{"pixel_values": [3, H, W], "label"}``, learnable."""
-    generator = torch.Generator().manual_seed(seed)
-    prototypes = torch.randn(NUM_CLASSES, 3, image_size, image_size, generator=generator)
+    """Class prototypes (the same for every seed) plus noise: ``count`` items ``{"pixel_values": [3, H, W],
+    "label"}``, learnable."""
+    prototypes = torch.randn(NUM_CLASSES, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)  # the noise: another seed, another set of the same classes
     labels = torch.arange(count) % NUM_CLASSES
     return [{"pixel_values": prototypes[c] + 0.7 * torch.randn(3, image_size, image_size, generator=generator),
              "label": int(c)} for c in labels]

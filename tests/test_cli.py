@@ -236,7 +236,8 @@ def test_train_help_lists_every_option_with_the_dataclass_default_and_help(capsy
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join(capsys.readouterr().out.split()))  # argparse wraps lines, at hyphens too
-    filled_by_the_command = {"num_classes", "id2label", "backbone", "dataset_name", "eval_split_name", "hub_token"}
+    filled_by_the_command = {"num_classes", "id2label", "backbone", "temperature", "dataset_name", "eval_split_name",
+                             "hub_token"}  # temperature: fitted by the solver
     for cls, renamed in ((LQFConfig, {"seed": "head-seed"}), (LQFTrainingArguments, {})):
         for f in dataclasses.fields(cls):
             if f.name in filled_by_the_command:

@@ -279,19 +279,24 @@ def test_beyond_folds_times_holdout_images_one_held_out_part_scores_the_refit_on
     assert selection.passes == pytest.approx(selection.iterations * int((~held).sum()) / 12)
 
 
+def _two_priors(n: int):
+    """A float64 problem of ``n`` images with the K-FAC and isotropic priors: ``make_data``, labels, keys, metrics."""
+    from test_solve import _keys, metric_of, problem
+
+    model, z, labels = problem(n)
+    keys = _keys(len(labels))
+    flat = Flat(model.linearization_point)
+    make = lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=8)  # noqa: E731
+    return make, labels, keys, [metric_of("kfac", model, z, flat), metric_of("isotropic", model, z, flat)]
+
+
 @pytest.mark.usefixtures("float64")
 def test_beyond_folds_times_holdout_images_the_priors_race_on_another_part_first(monkeypatch):
     """A prior dropped in the race on part 1 runs no path over the rest; its race path is kept, scored on part 1."""
-    from test_solve import _keys, metric_of, problem
-
-    model, z, labels = problem(30)
-    keys = _keys(len(labels))
-    flat = Flat(model.linearization_point)
-    metrics = [metric_of("kfac", model, z, flat), metric_of("isotropic", model, z, flat)]
+    make, labels, keys, metrics = _two_priors(30)
     monkeypatch.setattr(selection_module, "RACE_THRESHOLD", -math.inf)  # all but the leader drop after a fold
-    selection = select(lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=8), labels,
-                       keys, metrics, [1.0, 0.01], folds=3, seed=0, max_iterations=40, progress=False,
-                       holdout_images=10)
+    selection = select(make, labels, keys, metrics, [1.0, 0.01], folds=3, seed=0, max_iterations=40,
+                       progress=False, holdout_images=10)
     parts = stratified_folds(labels, keys, 3, seed=0)
     [loser] = selection.dropped
     assert selection.dropped[loser] == 1 and selection.prior != loser
@@ -304,14 +309,8 @@ def test_beyond_folds_times_holdout_images_the_priors_race_on_another_part_first
 @pytest.mark.usefixtures("float64")
 def test_beyond_folds_times_holdout_images_only_the_prior_the_sample_chose_runs_a_full_path(monkeypatch):
     """Priors the race keeps are chosen between on the sample (the small-N rule); the others run no path at full N."""
-    from test_solve import _keys, metric_of, problem
-
-    model, z, labels = problem(30)
-    keys = _keys(len(labels))
-    flat = Flat(model.linearization_point)
-    metrics = [metric_of("kfac", model, z, flat), metric_of("isotropic", model, z, flat)]
+    make, labels, keys, metrics = _two_priors(30)
     monkeypatch.setattr(selection_module, "RACE_THRESHOLD", math.inf)  # nobody drops
-    make = lambda rows: DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=8)  # noqa: E731
     selection = select(make, labels, keys, metrics, [1.0, 0.01], folds=3, seed=0, max_iterations=40,
                        progress=False, holdout_images=10)
     sample = stratified_folds(labels, keys, 3, seed=0) == 1
