@@ -305,6 +305,27 @@ def test_train_solves_to_a_certificate_with_lambda_chosen_on_held_out_images(tmp
     assert "validation_loss" not in out and "ridge" in out
 
 
+def test_predict_prints_calibrated_probabilities_and_each_outputs_posterior_std(trained, capsys, tmp_path):
+    from PIL import Image
+
+    from lqf_hub.data import image_transform
+
+    model = LQFModel.from_pretrained(trained / "model")
+    image = (torch.rand(28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(image).save(tmp_path / "digit.png")
+    code, out, _ = run(capsys, "predict", "--model", str(trained), "--format", "json", "--top-k", "2",
+                       str(tmp_path / "digit.png"))
+    assert code == 0
+    predictions = json.loads(out)[0]["predictions"]
+    with Image.open(tmp_path / "digit.png") as opened:
+        pixels = image_transform(model.data_config)(opened.convert("RGB")).unsqueeze(0)
+    probs, std = model.predict_proba(pixels)[0], model.predict_uncertainty(pixels)[0]
+    top = probs.topk(2).indices
+    assert [p["label"] for p in predictions] == [model.config.id2label[int(i)] for i in top]
+    assert [p["output_std"] for p in predictions] == [round(float(std[i]), 4) for i in top]
+    assert all(p["output_std"] > 0 for p in predictions)
+
+
 def test_explain_splits_a_prediction_over_the_rebuilt_training_images(trained, capsys, tmp_path):
     image = tmp_path / "digit.png"
     Image.fromarray(np.asarray(load_image_dataset("mnist-5k", "test")[7]["image"], dtype=np.uint8)).save(image)

@@ -67,7 +67,8 @@ def _dispatch(args, argv: list[str]) -> int:
             print(json.dumps(rows, indent=2))
         else:
             for row in rows:
-                labels = ", ".join(f"{p['label']} ({p['score']:.2f})" for p in row["predictions"])
+                labels = ", ".join(f"{p['label']} ({p['score']:.2f}" + (f", output ± {p['output_std']:.2f})"
+                                   if "output_std" in p else ")") for p in row["predictions"])
                 print(f"{row['image']}: {labels}")
         for error in errors:
             print(f"lqf-hub predict: error: {error}", file=sys.stderr)

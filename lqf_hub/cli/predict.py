@@ -37,7 +37,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
             errors.append(f"cannot read {path}: {err}")
             continue
         probs = model.predict_proba(pixels)[0]  # softmax(f / T), T fitted on the solver's out-of-fold predictions
+        std = model.predict_uncertainty(pixels)[0] if model.posterior is not None else None
         top = probs.topk(min(args.top_k, model.num_classes))
-        rows.append({"image": str(path), "predictions": [
-            {"label": model.config.id2label[int(i)], "score": round(float(p), 4)} for p, i in zip(top.values, top.indices)]})
+        predictions = [{"label": model.config.id2label[int(i)], "score": round(float(p), 4)}
+                       for p, i in zip(top.values, top.indices)]
+        if std is not None:  # the posterior predictive's standard deviation of each output (targets: α·one-hot)
+            for prediction, i in zip(predictions, top.indices):
+                prediction["output_std"] = round(float(std[i]), 4)
+        rows.append({"image": str(path), "predictions": predictions})
     return rows, errors

@@ -1,7 +1,9 @@
 """LQF checkpoints, written AND read here: the layout on disk and on the Hub, validation before use.
 
 A checkpoint directory holds ``config.json`` (the LQFConfig with everything needed to rebuild the backbone,
-format version, training summary), ``model.safetensors`` and ``README.md`` (the model card). Tensors are
+format version, training summary), ``model.safetensors``, ``README.md`` (the model card) and, for a solved
+model, ``posterior.safetensors`` (K-FAC's eigendecompositions at w0, with the prior, λ, N and σ² as metadata:
+``LQFModel.predict_uncertainty``'s state; a checkpoint without it loads without a posterior). Tensors are
 named ``<part>.<name>`` after the parts of ``LQFModel.checkpoint_state``: ``base.<name>`` the
 linearization point of the backbone (parameters and buffers), ``head.weight`` / ``head.bias`` the new head
 at its linearization point, ``delta.<network name>`` the trained δ. With ``base="reference"`` the ``base.*``
@@ -45,6 +47,7 @@ from .protocol import Checkpointable
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+POSTERIOR_FILE = "posterior.safetensors"
 CARD_FILE = "README.md"
 BASES = ("full", "reference")
 PARTS = ("base", "head", "delta")
@@ -100,6 +103,11 @@ def save_checkpoint(
     with atomic_directory(directory) as staging:
         metadata = {"format": "pt", "lqf_format_version": str(FORMAT_VERSION)}
         save_file(checkpoint_tensors(model, base), staging / WEIGHTS_FILE, metadata=metadata)
+        posterior = model.posterior_state()
+        if posterior is not None:
+            tensors, scalars = posterior
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / POSTERIOR_FILE,
+                      metadata={**metadata, **scalars})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
         model_card(model, config, repo_id or str(directory)).save(staging / CARD_FILE)
     return Path(directory)
@@ -239,7 +247,27 @@ def load_checkpoint(model_class: Callable[..., Checkpointable], source: str | os
         raise CheckpointError(f"{weights_file}: the stored base weights do not match the hash in the config.")
     model.load_checkpoint_state(parts)
     model.training_summary = saved.get("training") or {}
+    posterior_file = _posterior_file(source, hub_kwargs)
+    if posterior_file is not None:
+        try:
+            with safetensors.safe_open(str(posterior_file), framework="pt") as handle:
+                scalars = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            model.load_posterior_state(tensors, scalars)
+        except (safetensors.SafetensorError, ValueError) as err:
+            raise CheckpointError(f"{posterior_file} is not a valid posterior for this model: {err}") from None
     return model
+
+
+def _posterior_file(source: str | os.PathLike, hub_kwargs: Mapping[str, Any]) -> Path | None:
+    """The checkpoint's ``posterior.safetensors``, or None where it has none."""
+    if os.path.isdir(source):
+        path = Path(source) / POSTERIOR_FILE
+        return path if path.is_file() else None
+    try:
+        return Path(hf_hub_download(str(source), POSTERIOR_FILE, **hub_kwargs))
+    except EntryNotFoundError:
+        return None
 
 
 def read_config(path: Path) -> tuple[dict[str, Any], LQFConfig]:

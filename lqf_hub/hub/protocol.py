@@ -19,3 +19,7 @@ class Checkpointable(Protocol):
         """``{"base": ..., "head": ..., "delta": ...}``: the tensors saved, by part."""
     def load_checkpoint_state(self, parts: Mapping[str, Mapping[str, Tensor]]) -> None:
         """Fill the model's tensors from ``checkpoint_state``'s parts."""
+    def posterior_state(self) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        """The posterior's tensors and scalars (strings), or None when the model has none."""
+    def load_posterior_state(self, tensors: Mapping[str, Tensor], scalars: Mapping[str, str]) -> None:
+        """Set the posterior from ``posterior_state``'s output; ValueError when it does not fit the model."""

@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, jacrev
 
 from .. import hub
 from ..adapters import NECK, STEM, Backbone, backbone_from_spec
 from ..config import MIN_IMAGE_SIZE, Activation, HeadInit, LQFConfig
 from .activations import ActivationMode, count_relu_modules
 from .linearize import NetworkCall, forward_mode_attention, linearized, nonlinear
+from .posterior import Posterior
 
 
 class _Network(nn.Module):
@@ -60,6 +61,7 @@ class LQFModel(nn.Module):
             backbone = backbone_from_spec(config.backbone)
         self.config = config
         self.training_summary: dict[str, Any] = {}  # dataset and metrics of the run that trained δ (model card)
+        self.posterior: Posterior | None = None  # set by the solver: predict_uncertainty's covariance
         self._fixed_input_size = backbone.fixed_input_size
         head = head if head is not None else _new_head(config, backbone)
         self.net = _Network(backbone, head).requires_grad_(False).eval()
@@ -188,6 +190,14 @@ class LQFModel(nn.Module):
             for name, delta in deltas.items():
                 delta.copy_(state["delta"][name])
 
+    def posterior_state(self) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+        """The posterior's tensors (K-FAC's eigendecompositions at w0) and scalars (strings), or None."""
+        return None if self.posterior is None else (self.posterior.curvature, self.posterior.metadata())
+
+    def load_posterior_state(self, tensors: Mapping[str, Tensor], scalars: Mapping[str, str]) -> None:
+        """Set the posterior from ``posterior_state``'s output, checked against the linearized tensors first."""
+        self.posterior = Posterior.from_state(tensors, scalars, self.linearization_point)
+
     # --------------------------------------------------------------------------------------- forward
     def encode_trunk(self, pixel_values: Tensor) -> Tensor:
         """The frozen part of the network, before the first linearized parameter (cacheable).
@@ -208,6 +218,36 @@ class LQFModel(nn.Module):
         """Calibrated class probabilities ``softmax(f / T)`` with the temperature the solver fitted on its
         out-of-fold predictions (``config.temperature``): ``[B, C, H, W]`` (or a ``trunk_output``) -> ``[B, K]``."""
         return (self(pixel_values, trunk_output=trunk_output) / self.config.temperature).softmax(-1)
+
+    @torch.no_grad()
+    def predict_uncertainty(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None,
+                            chunk: int = 8) -> Tensor:
+        """How sure the model is of each output: the posterior predictive's standard deviation of ``f_lin``, in
+        output units (the targets are α·one-hot), from ``σ²/N · J(x)(G + λM)⁻¹J(x)ᵀ`` (``modeling.posterior``):
+        ``[B, C, H, W]`` (or a ``trunk_output``) -> ``[B, K]``. ``chunk`` images' Jacobians ``[chunk, K, P]`` are
+        held at a time."""
+        return self.predictive_covariance(pixel_values, trunk_output=trunk_output, chunk=chunk).diagonal(
+            dim1=-2, dim2=-1).sqrt().to(self.net.head.weight.dtype)
+
+    @torch.no_grad()
+    def predictive_covariance(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None,
+                              chunk: int = 8) -> Tensor:
+        """The posterior predictive covariance of ``f_lin`` per image: ``[B, C, H, W]`` (or a ``trunk_output``)
+        -> ``[B, K, K]`` (float64)."""
+        if self.posterior is None:
+            raise ValueError("This model has no posterior: only models solved by the certified solver (`lqf-hub "
+                             "train`, method 'solve') carry one, and checkpoints saved before it was stored lack it. "
+                             "Train it again to get its uncertainty.")
+        with self._activations(check=trunk_output is None):
+            z = self._trunk(pixel_values, trunk_output)
+        point = self.linearization_point
+        needed = {name: point[name] for name in self.posterior.needs()}
+        parts = []
+        for rows in z.split(chunk):
+            with torch.enable_grad():
+                jacobians = jacrev(self.tail_function(rows))(needed)  # name -> [chunk, K, *shape]
+            parts.append(self.posterior.covariance(jacobians))
+        return torch.cat(parts)
 
     def base_forward(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None) -> Tensor:
         """The network at the linearization point, ``f(x; w0)``, with the same head: ``[B, K]``."""

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 from ..files import atomic_write_text
 from ..modeling.calibration import fit_temperature, plot_reliability
+from ..modeling.posterior import Posterior, noise_variance
 from ..modeling.model import LQFModel
 from ..solver.kfac import KFAC
 from ..solver.selection import Selection, plot_path, select
@@ -143,6 +144,7 @@ class LQFTrainer:
                 warm = found.warm_start
                 if found.out_of_fold is not None:
                     selection["temperature"] = fit_temperature(*found.out_of_fold)
+                    selection["noise_variance"] = noise_variance(*found.out_of_fold, model.config.target_scale)
             kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else None
             tensors = {f"kfac/{k}": v for k, v in kfac.state_dict().items()} if kfac is not None else {}
             if warm is not None:
@@ -162,6 +164,7 @@ class LQFTrainer:
         model.config.ridge = selection["ridge"]
         # fitted where the solver chose λ; a fixed λ (forget: the model's own) keeps the model's temperature
         model.config.temperature = selection.get("temperature", model.config.temperature)
+        model.posterior = self._posterior(everything, metrics, metric.kind, selection, delta)
         self._stage("refit", started)
         self.start_log()
         selection_passes = selection.get("passes", 0.0)
@@ -180,6 +183,22 @@ class LQFTrainer:
             self._stage("evaluation", started)
         record.update(seconds=time.perf_counter() - started, stage_seconds=dict(self.stage_seconds))
         self.log(record)
+
+    def _posterior(self, data: DataTerm, metrics: dict[str, PriorMetric], prior: str, selection: dict,
+                   delta: torch.Tensor) -> Posterior:
+        """The posterior at the optimum: K-FAC at w0 (the K-FAC prior's, else computed now: one pass), σ² from the
+        out-of-fold residuals where the solver chose λ, else the model's own (forget), else the training residuals
+        (in-sample: an underestimate)."""
+        kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else \
+            self._objective().priors([Prior.KFAC.value], data=data)[Prior.KFAC.value].kfac
+        variance = selection.get("noise_variance")
+        if variance is None and self.model.posterior is not None:
+            variance = self.model.posterior.noise_variance
+        if variance is None:
+            variance = noise_variance(data.gather(data.outputs(delta)), data.gather(data.labels),
+                                      self.model.config.target_scale)
+        return Posterior(kfac.state_dict(), list(self.model.linearization_point), self.args.damping, prior,
+                         selection["ridge"], data.count, variance)
 
     def _stage(self, name: str, started: float) -> None:
         """Record the seconds of stage ``name``: the time since ``started`` less the stages recorded since."""
