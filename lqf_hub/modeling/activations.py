@@ -31,6 +31,8 @@ class _TangentLeaky(torch.autograd.Function):
     """Primal: the original ReLU/ReLU6. JVP and backward: the leaky derivative, computed on first use (a
     forward that nothing differentiates, such as the frozen trunk's, never pays for it) and shared by both."""
 
+    generate_vmap_rule = True  # per-sample Jacobians (``torch.func.vmap`` over images) go through it
+
     @staticmethod
     def forward(x: Tensor, slope: float, upper: float | None) -> Tensor:
         return F.relu(x) if upper is None else F.hardtanh(x, 0.0, upper)

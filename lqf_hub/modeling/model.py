@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call, jacrev, vmap
 
 from .. import hub
 from ..adapters import NECK, STEM, Backbone, backbone_from_spec
@@ -227,13 +227,13 @@ class LQFModel(nn.Module):
         ``[B, C, H, W]`` (or a ``trunk_output``) -> ``[B, K]``. ``chunk`` images' Jacobians ``[chunk, K, P]`` are
         held at a time."""
         return self.predictive_covariance(pixel_values, trunk_output=trunk_output, chunk=chunk).diagonal(
-            dim1=-2, dim2=-1).sqrt().to(self.net.head.weight.dtype)
+            dim1=-2, dim2=-1).sqrt()
 
     @torch.no_grad()
     def predictive_covariance(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None,
                               chunk: int = 8) -> Tensor:
         """The posterior predictive covariance of ``f_lin`` per image: ``[B, C, H, W]`` (or a ``trunk_output``)
-        -> ``[B, K, K]`` (float64)."""
+        -> ``[B, K, K]``."""
         if self.posterior is None:
             raise ValueError("This model has no posterior: only models solved by the certified solver (`lqf-hub "
                              "train`, method 'solve') carry one, and checkpoints saved before it was stored lack it. "
@@ -242,10 +242,15 @@ class LQFModel(nn.Module):
             z = self._trunk(pixel_values, trunk_output)
         point = self.linearization_point
         needed = {name: point[name] for name in self.posterior.needs()}
+
+        def outputs(params: dict[str, Tensor], image: Tensor) -> Tensor:  # one image's [K]
+            return self.tail_function(image[None])(params)[0]
+
+        per_image = vmap(jacrev(outputs), in_dims=(None, 0))  # J(x) of each image: no cross-image products
         parts = []
         for rows in z.split(chunk):
             with torch.enable_grad():
-                jacobians = jacrev(self.tail_function(rows))(needed)  # name -> [chunk, K, *shape]
+                jacobians = per_image(needed, rows)  # name -> [chunk, K, *shape]
             parts.append(self.posterior.covariance(jacobians))
         return torch.cat(parts)
 

@@ -60,7 +60,7 @@ class Posterior:
 
     def covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
         """``σ²/N · J (G + λM)⁻¹ Jᵀ`` per image, from ``jacobians`` (network name -> ``[B, K, *shape]``, the
-        outputs' derivatives by each linearized tensor at w0): ``[B, K, K]`` (float64)."""
+        outputs' derivatives by each linearized tensor at w0): ``[B, K, K]``, in the Jacobians' dtype."""
         whitened = self._whiten(jacobians)  # [B, K, p]: (G + λM)^-½ Jᵀ in K-FAC's eigenbases
         return (self.noise_variance / self.count) * whitened @ whitened.transpose(-1, -2)
 
@@ -71,7 +71,7 @@ class Posterior:
         return list(self.names)
 
     def _whiten(self, jacobians: Mapping[str, Tensor]) -> Tensor:
-        parts, dtype = [], torch.float64
+        parts, dtype = [], next(iter(jacobians.values())).dtype  # float32 sums of squares: no cancellation to fear
         for name, block in self._blocks().items():
             weight = jacobians[name]
             batch, groups = weight.shape[:2], int(block["groups"])
@@ -121,10 +121,17 @@ class Posterior:
             if HEAD_WEIGHT not in blocks:
                 raise ValueError("The head prior's posterior needs the head's K-FAC block; it is missing.")
             return {HEAD_WEIGHT: blocks[HEAD_WEIGHT]}
-        return blocks
+        return self._in_network_order(blocks)
 
     def _diagonals(self) -> dict[str, Tensor]:
-        return {key.split("/", 1)[1]: value for key, value in self.curvature.items() if key.startswith("diag/")}
+        return self._in_network_order({key.split("/", 1)[1]: value for key, value in self.curvature.items()
+                                       if key.startswith("diag/")})
+
+    def _in_network_order(self, parts: dict) -> dict:
+        """``parts`` in the order of ``names``: the sums over them, and so their bits, do not depend on the order the
+        curvature was stored in (a safetensors file sorts its keys)."""
+        order = {name: i for i, name in enumerate(self.names)}
+        return dict(sorted(parts.items(), key=lambda item: order.get(item[0], len(order))))
 
     # ------------------------------------------------------------------------------------------ state
     def check(self, deltas: Mapping[str, Tensor]) -> "Posterior":
