@@ -177,6 +177,12 @@ def summary(args: argparse.Namespace) -> None:
         ratios = ", ".join(f"{s} {r['stage_seconds'].get(s, 0) / (factor * smallest['stage_seconds'][s]):.2f}"
                            for s in STAGES if smallest["stage_seconds"].get(s))
         lines.append(f"- {r['images']:,}: {ratios}")
+    cold = [r for r in main if r.get("cold_solve_products")]
+    if cold:
+        lines += ["", "Passes to the certified model against one certified solve from zero at the chosen prior and λ "
+                  "(target ≤ 3× at N ≥ 10 000):", ""]
+        lines += [f"- {r['images']:,}: {r['passes']:.1f} / {r['cold_solve_products']} = "
+                  f"{r['passes'] / r['cold_solve_products']:.2f}×" for r in cold]
     half = [r for r in rows if r["cache_dtype"] == "float16"]
     for r in half:
         twin = next((m for m in main if m["images"] == r["images"]), None)

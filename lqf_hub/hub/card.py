@@ -41,8 +41,19 @@ def model_card(model: Checkpointable, config: Mapping[str, Any], repo_id: str) -
         metrics={k: _format(v) for k, v in metrics.items()}, training=training,
         details=_scalars({k: v for k, v in training.items() if k not in shown}),
         selection=training.get("selection") or [],
+        posterior=_posterior_summary(model),
         labels=list((lqf.id2label or {}).values()), repo_id=repo_id,
     )
+
+
+def _posterior_summary(model: Checkpointable) -> str:
+    """The posterior's scalars in words, or "" when the model has none."""
+    state = model.posterior_state()
+    if state is None:
+        return ""
+    scalars = state[1]
+    return (f"{scalars['prior']} prior, λ = {float(scalars['ridge']):g}, N = {scalars['count']} training images, "
+            f"σ² = {float(scalars['noise_variance']):.4g}")
 
 
 def _is_number(value: Any) -> bool:

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 from ..files import atomic_write_text
 from ..modeling.calibration import fit_temperature, plot_reliability
-from ..modeling.posterior import Posterior, noise_variance
 from ..modeling.model import LQFModel
+from ..modeling.posterior import Posterior, noise_variance
 from ..solver.kfac import KFAC
 from ..solver.selection import Selection, plot_path, select
 from ..solver.solve import DataTerm, HeadPath, PriorMetric, solve
