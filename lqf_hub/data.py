@@ -115,19 +115,28 @@ def image_transform(data_config: dict[str, Any], augment: bool = False):
 def with_transform(dataset: datasets.Dataset, data_config: dict[str, Any], augment: bool = False) -> datasets.Dataset:
     """``dataset`` whose items are ``{"pixel_values": Tensor[3, H, W], "label": int}`` (grayscale -> RGB)."""
     transform = image_transform(data_config, augment)
-    feature = dataset.features["image"]
-    # Array2D/3D items come as nested lists of Python ints: give them back the column's dtype
-    dtype = feature.dtype if isinstance(feature, (datasets.Array2D, datasets.Array3D)) else None
+    dtype = _array_dtype(dataset)
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
-        pixels = []
-        for image in batch["image"]:
-            if not isinstance(image, Image.Image):
-                image = Image.fromarray(np.asarray(image, dtype=dtype))
-            pixels.append(transform(image.convert("RGB")))
+        pixels = [transform(_as_pil(image, dtype).convert("RGB")) for image in batch["image"]]
         return {"pixel_values": pixels, "label": batch["label"]}
 
     return dataset.with_transform(apply)
+
+
+def pil_image(dataset: datasets.Dataset, index: int) -> Image.Image:
+    """Image ``index`` of ``dataset`` (an ``image`` column) as a PIL image, as stored (grayscale stays grayscale)."""
+    return _as_pil(dataset[int(index)]["image"], _array_dtype(dataset))
+
+
+def _array_dtype(dataset: datasets.Dataset) -> str | None:
+    """Array2D/3D items come as nested lists of Python ints: the column's dtype gives them back theirs."""
+    feature = dataset.features["image"]
+    return feature.dtype if isinstance(feature, (datasets.Array2D, datasets.Array3D)) else None
+
+
+def _as_pil(image: Any, dtype: str | None) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=dtype))
 
 
 # ------------------------------------------------------------------------------------ built-ins

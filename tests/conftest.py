@@ -1,6 +1,7 @@
-"""Tiny models of every supported family, built without downloads."""
+"""Tiny models of every supported family, built without downloads; the default job scaled to seconds."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -8,6 +9,11 @@ import torch
 from transformers import AutoModelForImageClassification, ConvNextConfig, ResNetConfig, SwinConfig, ViTConfig
 
 from lqf_hub import LQFConfig, LQFModel
+from lqf_hub.cli import main
+
+# The default job, scaled to seconds: same model and pipeline, fewer images, smaller inputs.
+TINY = ["--dataset", "mnist-5k", "--shots", "4", "--eval-per-class", "3", "--image-size", "32", "--epochs", "2",
+        "--batch-size", "8", "--linearize", "bn2"]
 
 # family -> (timm name, input size); the first six have a stem/blocks/neck plan, the last runs whole
 TIMM_FAMILIES = {
@@ -97,3 +103,11 @@ def original_copy(network: torch.nn.Module) -> torch.nn.Module:
 
 
 from hub_server import fake_hub  # noqa: E402,F401  (a running fake Hugging Face Hub, as a fixture)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """The output directory of ``lqf-hub train`` on ``TINY`` (read-only for the tests that share it)."""
+    output = tmp_path_factory.mktemp("cli") / "lqf-output"
+    assert main(["train", *TINY, "--output-dir", str(output)]) == 0
+    return output

@@ -1,7 +1,7 @@
 """An in-process fake of the Hugging Face Hub API, so tests can push and pull model repos offline.
 
-`FakeHub` speaks just enough of the Hub's HTTP API for the real `huggingface_hub` client (2.x) to run
-`create_repo`, `upload_folder`/`upload_file`/`create_commit`, `hf_hub_download`, `snapshot_download`,
+`FakeHub` speaks just enough of the Hub's HTTP API for the real `huggingface_hub` client (2.x) to run, on
+model repos and Spaces, `create_repo`, `upload_folder`/`upload_file`/`create_commit`, `hf_hub_download`, `snapshot_download`,
 `model_info`, `list_repo_files`/`list_repo_tree`, `list_repo_refs`, `list_repo_commits` and `whoami`.
 Every file travels base64-encoded inside the commit (the server answers "regular" to every preupload
 query), so neither Git LFS nor Xet storage is involved. `use_hub` points the client at the server and
@@ -60,7 +60,7 @@ class Commit:
 
 @dataclass
 class Repo:
-    """A model repo and its history."""
+    """A model repo or a Space, and its history."""
 
     repo_id: str
     owner: str  # the only user who can write, and read when private
@@ -113,6 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 _REPO = r"(?P<repo_id>[^/]+/[^/]+)"
 _REV = r"(?P<rev>[^/]+)"
+_KIND = r"(?P<kind>models|spaces)"
 
 
 class FakeHub(ThreadingHTTPServer):
@@ -120,7 +121,7 @@ class FakeHub(ThreadingHTTPServer):
 
     Use as a context manager (or `start`/`stop`). `users` maps user names to tokens; requests authenticate
     with `Authorization: Bearer <token>`, and an unknown token counts as anonymous. `repos` holds the
-    state, keyed by repo id; `request_log` lists `(client host, method, path)` of every request.
+    state, keyed by repo id (Spaces by "spaces/" + id, their `sdk` in `space_sdks`); `request_log` lists `(client host, method, path)` of every request.
     """
 
     daemon_threads = True
@@ -130,6 +131,7 @@ class FakeHub(ThreadingHTTPServer):
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self.users = dict(DEFAULT_USERS if users is None else users)
         self.repos: dict[str, Repo] = {}
+        self.space_sdks: dict[str, str] = {}
         self.request_log: list[tuple[str, str, str]] = []
         self._user_by_token = {token: user for user, token in self.users.items()}
         self._lock = threading.Lock()  # handlers run in parallel threads (snapshot_download downloads in a pool)
@@ -138,13 +140,13 @@ class FakeHub(ThreadingHTTPServer):
             ("POST", re.compile(r"/api/repos/create"), self._create_repo),
             ("POST", re.compile(r"/api/validate-yaml"), self._validate_yaml),
             ("GET", re.compile(r"/api/whoami-v2"), self._whoami),
-            ("GET", re.compile(rf"/api/models/{_REPO}(?:/revision/{_REV})?"), self._model_info),
-            ("GET", re.compile(rf"/api/models/{_REPO}/tree/{_REV}(?:/(?P<path>.*))?"), self._tree),
-            ("GET", re.compile(rf"/api/models/{_REPO}/refs"), self._refs),
-            ("GET", re.compile(rf"/api/models/{_REPO}/commits/{_REV}"), self._commits),
-            ("POST", re.compile(rf"/api/models/{_REPO}/preupload/{_REV}"), self._preupload),
-            ("POST", re.compile(rf"/api/models/{_REPO}/commit/{_REV}"), self._commit),
-            ("GET", re.compile(rf"/{_REPO}/resolve/{_REV}/(?P<path>.+)"), self._resolve),
+            ("GET", re.compile(rf"/api/{_KIND}/{_REPO}(?:/revision/{_REV})?"), self._model_info),
+            ("GET", re.compile(rf"/api/{_KIND}/{_REPO}/tree/{_REV}(?:/(?P<path>.*))?"), self._tree),
+            ("GET", re.compile(rf"/api/{_KIND}/{_REPO}/refs"), self._refs),
+            ("GET", re.compile(rf"/api/{_KIND}/{_REPO}/commits/{_REV}"), self._commits),
+            ("POST", re.compile(rf"/api/{_KIND}/{_REPO}/preupload/{_REV}"), self._preupload),
+            ("POST", re.compile(rf"/api/{_KIND}/{_REPO}/commit/{_REV}"), self._commit),
+            ("GET", re.compile(rf"/(?:(?P<kind>spaces)/)?{_REPO}/resolve/{_REV}/(?P<path>.+)"), self._resolve),
         ]
 
     # -- lifecycle
@@ -177,6 +179,8 @@ class FakeHub(ThreadingHTTPServer):
             match = pattern.fullmatch(path)
             if match and (method == route_method or (method, route_method) == ("HEAD", "GET")):
                 args = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
+                if args.pop("kind", "models") == "spaces":  # Spaces live beside the models, under their own keys
+                    args["repo_id"] = f"spaces/{args['repo_id']}"
                 break
         else:
             return self._error(_HubError(404, f"FakeHub does not implement {method} {path}"))
@@ -235,18 +239,24 @@ class FakeHub(ThreadingHTTPServer):
         if user is None:
             raise _HubError(401, "Invalid credentials in Authorization header")
         request = json.loads(body)
-        if request.get("type", "model") != "model":
-            raise _HubError(400, "FakeHub only serves model repos")
+        kind = request.get("type", "model")
+        if kind not in ("model", "space"):
+            raise _HubError(400, "FakeHub only serves model repos and Spaces")
+        if kind == "space" and not request.get("sdk"):
+            raise _HubError(400, "A Space needs an sdk (gradio, docker or static)")
         namespace = request.get("organization") or user
         if namespace != user and namespace in self.users:  # other names count as organizations anyone may use
             raise _HubError(403, f"You don't have the rights to create a model under the namespace {namespace}")
         repo_id = f"{namespace}/{request['name']}"
-        url = f"{self.endpoint}/{repo_id}"
+        key = repo_id if kind == "model" else f"spaces/{repo_id}"
+        url = f"{self.endpoint}/{key}"
         with self._lock:
-            if repo_id in self.repos:  # the 409 body carries the url so that `exist_ok=True` can build its RepoUrl
-                raise _HubError(409, "You already created this model repo", url=url)
+            if key in self.repos:  # the 409 body carries the url so that `exist_ok=True` can build its RepoUrl
+                raise _HubError(409, f"You already created this {kind} repo", url=url)
             private = request.get("visibility") == "private" or request.get("private") is True
-            repo = self.repos[repo_id] = Repo(repo_id, owner=user, private=private)
+            repo = self.repos[key] = Repo(repo_id, owner=user, private=private)
+            if kind == "space":
+                self.space_sdks[repo_id] = request["sdk"]
             self._add_commit(repo, user, "initial commit", "", {".gitattributes": GITATTRIBUTES})
         return {"url": url, "name": repo_id}
 
@@ -263,7 +273,8 @@ class FakeHub(ThreadingHTTPServer):
         repo = self._readable(repo_id, user)
         commit = self._at(repo, rev)
         return {
-            "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0], "sha": commit.sha,
+            "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.owner, "sha": commit.sha,
+            **({"sdk": self.space_sdks[repo.repo_id]} if repo_id.startswith("spaces/") else {}),
             "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
             "createdAt": repo.created_at, "lastModified": commit.date,
             "siblings": [{"rfilename": path, "size": len(data), "blobId": git_blob_sha(data)}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import TINY
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,9 +22,6 @@ from lqf_hub.cli import main
 from lqf_hub.compare.baselines import accuracy
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 
-# The default job, scaled to seconds: same model and pipeline, fewer images, smaller inputs.
-TINY = ["--dataset", "mnist-5k", "--shots", "4", "--eval-per-class", "3", "--image-size", "32", "--epochs", "2",
-        "--batch-size", "8", "--linearize", "bn2"]
 PHOTOS = Path(__import__("skimage").__file__).parent / "data"
 
 
@@ -31,13 +29,6 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("cli") / "lqf-output"
-    assert main(["train", *TINY, "--output-dir", str(output)]) == 0
-    return output
 
 
 def test_train_writes_checkpoint_card_metrics_and_path(trained):

@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, DataUnreachable
-from ..files import load_keyed_tensors, save_keyed_tensors
+from ..files import atomic_write_text, load_keyed_tensors, save_keyed_tensors
 from ..hub import backbone_sha256
 from ..modeling.linearize import linearized
 from ..modeling.model import LQFModel
@@ -71,6 +71,19 @@ class Explanation:
         scores = self.contributions[:, self.predicted]
         values, indices = scores.topk(min(k, len(scores)), largest=supporting)
         return indices, values
+
+    def summary(self, k: int, names: dict[int, str], train_labels: Tensor) -> dict:
+        """What ``explain`` reports of it, for the predicted class: its name, output, base and unexplained
+        remainder, and the ``k`` most ``supporting`` and ``opposing`` training images (index, label, contribution).
+        ``names``: the model's ``id2label``; ``train_labels [N]``: the training images' labels."""
+        c = self.predicted
+        row = {"predicted": names[c], "output": self.output[c].item(), "base": self.base[c].item(),
+               "unexplained": self.gap[c].item()}
+        for kind in ("supporting", "opposing"):
+            indices, values = self.ranked(k, supporting=kind == "supporting")
+            row[kind] = [{"train_index": int(i), "label": names[int(train_labels[i])], "contribution": float(v)}
+                         for i, v in zip(indices, values)]
+        return row
 
 
 @dataclass
@@ -145,6 +158,15 @@ def training_images(model: LQFModel) -> tuple:
 TRUNK_FILE = "training_trunk.safetensors"
 
 
+def model_digest(model: LQFModel) -> str:
+    """sha256 hex of everything a model's predictions depend on: its config and every tensor of its checkpoint
+    (w0, head, δ). What kept results computed from the model (a training set's ranking) are checked against."""
+    state = {f"{part}/{name}": tensor for part, tensors in model.checkpoint_state().items()
+             for name, tensor in tensors.items()}
+    return hashlib.sha256((backbone_sha256(state) + json.dumps(model.config.to_dict(), sort_keys=True,
+                                                               default=str)).encode()).hexdigest()
+
+
 def training_trunk(model: LQFModel, directory: str | Path, *, progress: bool = False) -> tuple:
     """The trunk outputs of the images ``model`` was solved on, kept in ``directory`` (``TRUNK_FILE``):
     ``(raw dataset or None, TrunkCache)`` for ``Explainer.from_model``. Computed from
@@ -173,6 +195,29 @@ def training_trunk(model: LQFModel, directory: str | Path, *, progress: bool = F
         Path(directory).mkdir(parents=True, exist_ok=True)
         kept.save(path, key)
     return raw, kept
+
+
+RANKING_FILE = "training_set.json"
+
+
+def save_ranking(directory: str | Path, model: LQFModel, kernel: str, rows: list[dict]) -> Path:
+    """Keep a training set's ranking (``Explainer.disputed_labels``) in ``directory/RANKING_FILE``, atomically,
+    with the ``kernel`` it came from and the model's digest."""
+    path = Path(directory) / RANKING_FILE
+    atomic_write_text(path, json.dumps({"model": model_digest(model), "kernel": kernel, "ranking": rows}, indent=2))
+    return path
+
+
+def load_ranking(directory: str | Path, model: LQFModel) -> tuple[str, list[dict]] | None:
+    """``(kernel, rows)`` of the ranking kept in ``directory`` for this very model; None if absent, unreadable or
+    another model's."""
+    try:
+        record = json.loads((Path(directory) / RANKING_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("model") != model_digest(model):
+        return None
+    return record.get("kernel", "unknown"), record.get("ranking", [])
 
 
 class Explainer:
@@ -313,6 +358,17 @@ class Explainer:
         own = without.gather(1, labels)[:, 0]
         rest = without.scatter(1, labels, float("-inf")).max(1).values
         return own - rest
+
+    def disputed_labels(self, features: RandomFeatures | None = None, *, progress: bool = False) -> list[dict]:
+        """Every training image ranked by its leave-one-out label margin, lowest (most disputed) first: its index,
+        label, what the optimum without it predicts, the margin and its loss at the optimum. From the exact
+        kernel (``training_kernel``: N·C passes) or the training images' random ``features``."""
+        names, labels = self.model.config.id2label, self.data.labels
+        without = self.leave_one_out(self.training_kernel(progress=progress) if features is None else features)
+        margins = self.label_margins(without)
+        return [{"train_index": i, "label": names[int(labels[i])], "others_predict": names[int(without[i].argmax())],
+                 "margin": float(margins[i]), "loss": 0.5 * float(self.residuals[i].double().square().sum())}
+                for i in margins.argsort().tolist()]
 
     def _features_key(self, projections: int, seed: int) -> str:
         """A digest of everything the random features depend on."""

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..modeling.model import LQFModel
 from ..training.arguments import LQFTrainingArguments, objective_settings
+from ..training.cache import TrunkCache
 from ..training.trainer import LQFTrainer
 
 
@@ -24,7 +25,7 @@ def forget(
     model: LQFModel, train_dataset: Dataset, remove: Sequence[int], args: LQFTrainingArguments,
 ) -> tuple[LQFModel, dict[str, Any]]:
     """The optimum of ``model``'s objective without the training images ``remove`` (indices into
-    ``train_dataset``, the images the model was solved on), saved to ``args.output_dir/model``; ``model`` is
+    ``train_dataset``: the images the model was solved on, or their trunk outputs as a ``TrunkCache``), saved to ``args.output_dir/model``; ``model`` is
     left as it is. The objective (λ, prior, damping) is the model's; ``args`` gives the rest of the run.
     Returns the new model and the solver's record (certificate, iterations, seconds)."""
     removed = sorted(set(int(i) for i in remove))
@@ -45,7 +46,8 @@ def forget(
         new = LQFModel.from_pretrained(copy)
     args = dataclasses.replace(args, method="solve", ridge_grid=[model.config.ridge], warm_start=True,
                                **objective_settings(model.training_summary))
-    trainer = LQFTrainer(new, Subset(train_dataset, kept), None, args)
+    rest = train_dataset.select(kept) if isinstance(train_dataset, TrunkCache) else Subset(train_dataset, kept)
+    trainer = LQFTrainer(new, rest, None, args)
     record = trainer.train()[-1]
     source = {"train_data": model.training_summary["train_data"]} if "train_data" in model.training_summary else {}
     new.training_summary = {**new.training_summary, **source, "train_samples": len(kept),

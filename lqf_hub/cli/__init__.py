@@ -1,4 +1,4 @@
-"""``lqf-hub``: train, compare, eval, predict, explain, forget, push, info, convert — one module per command,
+"""``lqf-hub``: train, compare, eval, predict, explain, forget, demo, push, info, convert — one module per command,
 each with ``add_parser`` (its options) and ``run`` (the command).
 
 ``lqf-hub train`` with no arguments fine-tunes the embedded ImageNet EfficientNet-Lite0 on a Fashion-MNIST
@@ -13,13 +13,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import compare, convert, evaluate, explain, forget, info, predict, push, train
+from . import compare, convert, demo, evaluate, explain, forget, info, predict, push, train
 from .common import DEFAULT_IMAGE_SIZE, DEFAULT_MODEL, CLIError, dataclass_values, print_table
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "DEFAULT_MODEL", "CLIError", "build_parser", "dataclass_values", "main"]
 
 COMMANDS = {"train": train, "compare": compare, "eval": evaluate, "predict": predict, "explain": explain,
-            "forget": forget, "push": push, "info": info, "convert": convert}
+            "forget": forget, "demo": demo, "push": push, "info": info, "convert": convert}
 
 
 def build_parser() -> argparse.ArgumentParser:

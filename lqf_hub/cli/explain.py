@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if files:
         result.update(_explain_images(model, explainer, features, raw, files, args.top_k, output))
     if args.training_set:
-        result.update(_explain_training_set(model, explainer, features, raw, max(args.top_k, 16), output))
+        result.update(_explain_training_set(explainer, features, raw, max(args.top_k, 16), output))
     return result
 
 
@@ -68,41 +68,28 @@ def _explain_images(model, explainer, features, raw, files: list[Path], top_k: i
     from ..data import image_transform
     from ..files import atomic_write_text
 
-    transform, names = image_transform(model.data_config), model.config.id2label
-    labels = [int(label) for label in explainer.data.labels]
+    transform = image_transform(model.data_config)
     rows = []
     for path in files:
         with Image.open(path) as image:
             picture = image.convert("RGB")
         explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)), features=features,
                                         only_predicted=True)  # what the JSON and PNG show: one pass, not C
-        top = {kind: explanation.ranked(top_k, supporting=kind == "supporting") for kind in ("supporting", "opposing")}
-        row = {"image": str(path), "kernel": _kernel_name(features), "predicted": names[explanation.predicted],
-               "output": explanation.output[explanation.predicted].item(),
-               "base": explanation.base[explanation.predicted].item(),
-               "unexplained": explanation.gap[explanation.predicted].item(),
-               **{kind: [{"train_index": int(i), "label": names[labels[int(i)]], "contribution": float(v)}
-                         for i, v in zip(*top[kind])] for kind in top}}
+        row = {"image": str(path), "kernel": _kernel_name(features),
+               **explanation.summary(top_k, model.config.id2label, explainer.data.labels)}
         rows.append(row)
-        plot_explanation(picture, row, [_picture(raw, i) for kind in top for i in top[kind][0].tolist()],
-                         output / f"{path.stem}.png")
+        shown = [item["train_index"] for kind in ("supporting", "opposing") for item in row[kind]]
+        plot_explanation(picture, row, [_picture(raw, i) for i in shown], output / f"{path.stem}.png")
     atomic_write_text(output / "explanations.json", json.dumps(rows, indent=2))
     return {"images": len(rows), "json": str(output / "explanations.json")}
 
 
-def _explain_training_set(model, explainer, features, raw, shown: int, output: Path) -> dict[str, Any]:
+def _explain_training_set(explainer, features, raw, shown: int, output: Path) -> dict[str, Any]:
     """The training images ranked by their leave-one-out label margin (lowest first): training_set.json and
     suspects.png."""
-    from ..analysis.explain import plot_suspects
-    from ..files import atomic_write_text
+    from ..analysis.explain import plot_suspects, save_ranking
 
-    names = model.config.id2label
-    without = explainer.leave_one_out(explainer.training_kernel(progress=True) if features is None else features)
-    margins, labels = explainer.label_margins(without), explainer.data.labels
-    rows = [{"train_index": i, "label": names[int(labels[i])], "others_predict": names[int(without[i].argmax())],
-             "margin": float(margins[i]), "loss": 0.5 * float(explainer.residuals[i].double().square().sum())}
-            for i in margins.argsort().tolist()]
-    record = {"kernel": _kernel_name(features), "ranking": rows}
-    atomic_write_text(output / "training_set.json", json.dumps(record, indent=2))
+    rows = explainer.disputed_labels(features, progress=True)
+    path = save_ranking(output, explainer.model, _kernel_name(features), rows)
     plot_suspects(rows[:shown], [_picture(raw, row["train_index"]) for row in rows[:shown]], output / "suspects.png")
-    return {"disputed_labels": sum(row["margin"] < 0 for row in rows), "ranking": str(output / "training_set.json")}
+    return {"disputed_labels": sum(row["margin"] < 0 for row in rows), "ranking": str(path)}

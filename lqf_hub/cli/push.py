@@ -16,6 +16,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     push.add_argument("--base", default="full", choices=["full", "reference"],
                       help="full: with the linearization point; reference: delta only + the base's id and hash.")
     push.add_argument("--commit-message", default="Upload LQF model")
+    push.add_argument("--space", nargs="?", const="", default=None, metavar="SPACE_ID",
+                      help="Also create a Gradio Space serving `lqf-hub demo` for the pushed model. Default id: "
+                           "REPO_ID-demo.")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -27,4 +30,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = LQFModel.from_pretrained(checkpoint)
     url = model.push_to_hub(args.repo_id, base=args.base, private=args.private or None, token=args.token,
                             commit_message=args.commit_message)
-    return {"repo_id": args.repo_id, "commit": str(url)}
+    result = {"repo_id": args.repo_id, "commit": str(url)}
+    if args.space is not None:
+        from ..hub.space import push_space
+
+        space_id = args.space or f"{args.repo_id}-demo"
+        result |= {"space": space_id, "space_commit": push_space(args.repo_id, space_id, private=args.private or None,
+                                                                 token=args.token)}
+    return result

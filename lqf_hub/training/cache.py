@@ -9,6 +9,7 @@ can tell that it is fed the same training set, whatever the number of processes.
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,11 @@ class TrunkCache(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.as_tensor(np.asarray(self.values[i])), self.labels[i]
+
+    def select(self, indices: Sequence[int]) -> "TrunkCache":
+        """The rows ``indices``, in that order, as a cache of their own (in memory)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        return TrunkCache(np.asarray(self.values[rows]), self.labels[rows], self.digests[rows])
 
     def save(self, path: str | os.PathLike, key: str) -> None:
         """Write it atomically as safetensors, with ``key`` (a digest of what it was computed from)."""
