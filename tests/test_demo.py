@@ -77,6 +77,36 @@ def test_a_kept_ranking_is_read_only_for_its_own_model(session, tmp_path):
     assert load_ranking(tmp_path, session.model) is None
 
 
+def test_without_the_training_images_the_session_scores_by_index(session, monkeypatch):
+    image = _example(session)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr("lqf_hub.data.load_image_dataset", unreachable)
+    with pytest.warns(UserWarning, match="not reachable: no network. Using their trunk outputs kept in"):
+        blind = DemoSession(session.model, session.cache_dir)  # the trunk outputs the session kept there
+    assert not blind.pictures and blind.picture(0) is None and session.pictures
+    z = session.encode(image)
+    assert blind.explain(z, 4) == session.explain(z, 4)  # the same indices and scores, without pictures
+
+
+def test_demo_serves_a_model_from_the_hub(trained, fake_hub, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gradio")
+    import lqf_hub.demo.page
+
+    token = "hf_alice_token"
+    LQFModel.from_pretrained(trained / "model").push_to_hub("alice/served", token=token)
+    served = []
+    monkeypatch.setattr(lqf_hub.demo.page.gr.Blocks, "launch", lambda page, **kwargs: served.append((page, kwargs)))
+    code = main(["demo", "--model", "alice/served", "--token", token, "--cache-dir", str(tmp_path / "cache"),
+                 "--port", "7999"])
+    assert code == 0, capsys.readouterr().err
+    [(page, kwargs)] = served
+    assert page.title == "alice/served · lqf-hub" and kwargs["server_port"] == 7999 and not kwargs["share"]
+    assert (tmp_path / "cache" / "training_trunk.safetensors").exists()
+
+
 def test_push_with_space_creates_a_gradio_space_that_serves_the_page(trained, fake_hub, tmp_path, monkeypatch, capsys):
     gradio = pytest.importorskip("gradio")
     monkeypatch.setenv("HF_TOKEN", "hf_alice_token")

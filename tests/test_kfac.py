@@ -288,6 +288,25 @@ def test_state_dict_saved_with_safetensors_preconditions_bit_identically(tmp_pat
     assert torch.equal(_preconditioned(kfac, deltas, v), _preconditioned(restored, deltas, v))
 
 
+def test_a_damaged_state_is_refused_saying_what_is_wrong():
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.Flatten(), nn.Linear(16, 3))
+    kfac, deltas = _kfac(net, torch.randn(8, 3, 4, 4), ridge=1e-2, damping=1e-2)
+    state = kfac.state_dict()
+    restored = KFAC(dict(net.named_parameters()), deltas, ridge=1e-2, damping=1e-2)
+    weight = next(k.split("/")[1] for k in state if k.startswith("block/"))
+    for damage, message in [
+        (lambda s: s.pop(f"block/{weight}/basis_b"), rf"block {weight} lacks \['basis_b'\]"),
+        (lambda s: s.update({f"block/{weight}/bias_index": torch.tensor(99)}), "bias index 99"),
+        (lambda s: s.update({"diag/elsewhere.weight": torch.ones(2)}), "does not linearize: \\['elsewhere.weight'\\]"),
+        (lambda s: s.update({"eigen": torch.ones(2)}), "neither block/<name>/<part> nor diag/<name>"),
+    ]:
+        damaged = dict(state)
+        damage(damaged)
+        with pytest.raises(ValueError, match=message):
+            restored.load_state_dict(damaged)
+
+
 def test_errors():
     net = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="`outputs` must be 'exact' or 'sampled'"):

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .kfac_state import FACTORS, BlockState, parse_kfac_state
+
 HEAD_WEIGHT = "head.weight"
 PRIORS = ("kfac", "isotropic", "head")
-_FACTORS = ("eig_a", "basis_a", "eig_b", "basis_b")
 
 
 def noise_variance(outputs: Tensor, labels: Tensor, target_scale: float) -> float:
@@ -72,14 +73,15 @@ class Posterior:
 
     def _whiten(self, jacobians: Mapping[str, Tensor]) -> Tensor:
         parts, dtype = [], next(iter(jacobians.values())).dtype  # float32 sums of squares: no cancellation to fear
-        for name, block in self._blocks().items():
+        blocks, diagonals = self._parts()
+        for name, block in blocks.items():
             weight = jacobians[name]
-            batch, groups = weight.shape[:2], int(block["groups"])
+            batch, groups = weight.shape[:2], block.groups
             matrix = weight.reshape(*batch, groups, weight.shape[2] // groups, -1).to(dtype)
-            if block["bias"] is not None:
-                bias = jacobians[block["bias"]].reshape(*batch, groups, -1, 1).to(dtype)
+            if block.bias is not None:
+                bias = jacobians[block.bias].reshape(*batch, groups, -1, 1).to(dtype)
                 matrix = torch.cat([matrix, bias], dim=-1)
-            eig_a, basis_a, eig_b, basis_b = (block[k].to(matrix.device, dtype) for k in _FACTORS)
+            eig_a, basis_a, eig_b, basis_b = (block.factors[k].to(matrix.device, dtype) for k in FACTORS)
             rotated = matrix @ basis_a
             if self.prior == "head":  # the head's block of G is exactly E[φ̃φ̃ᵀ] ⊗ I
                 eigenvalues, mean = eig_a.unsqueeze(-2), eig_a.mean()
@@ -88,7 +90,7 @@ class Posterior:
                 eigenvalues, mean = eig_b.unsqueeze(-1) * eig_a.unsqueeze(-2), eig_a.mean() * eig_b.mean()
             parts.append((rotated / self._damped(eigenvalues, mean).sqrt()).flatten(2))
         if self.prior != "head":
-            for name, diag in self._diagonals().items():
+            for name, diag in diagonals.items():
                 values, diag = jacobians[name].flatten(2).to(dtype), diag.to(jacobians[name].device, dtype).flatten()
                 parts.append(values / self._damped(diag, diag.mean()).sqrt())
         return torch.cat(parts, dim=-1)
@@ -100,32 +102,18 @@ class Posterior:
             return (1 + self.ridge) * eigenvalues + self.ridge * self.damping * mean
         return eigenvalues + self.ridge
 
-    def _blocks(self) -> dict[str, dict]:
-        """Kronecker blocks by weight name (``{eig_a, basis_a, eig_b, basis_b, groups, bias}``); the head's alone
+    def _parts(self) -> tuple[dict[str, BlockState], dict[str, Tensor]]:
+        """The curvature's Kronecker blocks (by weight name) and diagonals, in network order; the head's block alone
         under the head prior."""
-        blocks: dict[str, dict] = {}
-        for key, value in self.curvature.items():
-            kind, rest = key.split("/", 1)
-            if kind == "block":
-                name, part = rest.rsplit("/", 1)
-                blocks.setdefault(name, {})[part] = value
-        for name, block in blocks.items():
-            missing = [k for k in (*_FACTORS, "groups", "bias_index") if k not in block]
-            if missing:
-                raise ValueError(f"The posterior's block {name} lacks {missing}.")
-            index = int(block["bias_index"])
-            if not -1 <= index < len(self.names):
-                raise ValueError(f"The posterior's block {name} has bias index {index}, not a linearized tensor.")
-            block["bias"] = None if index < 0 else self.names[index]
+        try:
+            blocks, diagonals = parse_kfac_state(self.curvature, self.names)
+        except ValueError as err:
+            raise ValueError(f"The posterior's curvature: {err}") from None
         if self.prior == "head":
             if HEAD_WEIGHT not in blocks:
                 raise ValueError("The head prior's posterior needs the head's K-FAC block; it is missing.")
-            return {HEAD_WEIGHT: blocks[HEAD_WEIGHT]}
-        return self._in_network_order(blocks)
-
-    def _diagonals(self) -> dict[str, Tensor]:
-        return self._in_network_order({key.split("/", 1)[1]: value for key, value in self.curvature.items()
-                                       if key.startswith("diag/")})
+            return {HEAD_WEIGHT: blocks[HEAD_WEIGHT]}, {}
+        return self._in_network_order(blocks), self._in_network_order(diagonals)
 
     def _in_network_order(self, parts: dict) -> dict:
         """``parts`` in the order of ``names``: the sums over them, and so their bits, do not depend on the order the
@@ -140,23 +128,23 @@ class Posterior:
         if self.names != list(deltas):
             raise ValueError(f"The posterior was built for other linearized tensors: {self.names[:3]} … against "
                              f"{list(deltas)[:3]} ….")
-        blocks = self._blocks()
-        covered = set(blocks) | {b["bias"] for b in blocks.values() if b["bias"]} | set(self._diagonals())
+        blocks, diagonals = self._parts()
+        covered = set(blocks) | {b.bias for b in blocks.values() if b.bias} | set(diagonals)
         unknown = sorted(covered - set(deltas))
         if unknown:
             raise ValueError(f"The posterior names tensors this model does not linearize: {unknown[:3]}.")
         if self.prior != "head" and covered != set(deltas):
             raise ValueError(f"The posterior lacks the curvature of {sorted(set(deltas) - covered)[:3]}.")
         for name, block in blocks.items():
-            groups, shape = int(block["groups"]), deltas[name].shape
-            d_out, d_in = shape[0] // groups, shape[1:].numel() + (block["bias"] is not None)
+            groups, shape = block.groups, deltas[name].shape
+            d_out, d_in = shape[0] // groups, shape[1:].numel() + (block.bias is not None)
             expected = {"eig_a": (groups, d_in), "basis_a": (groups, d_in, d_in), "eig_b": (groups, d_out),
                         "basis_b": (groups, d_out, d_out)}
             for part, size in expected.items():
-                if tuple(block[part].shape) != size:
-                    raise ValueError(f"The posterior's {part} of {name} has shape {list(block[part].shape)}, expected "
+                if tuple(block.factors[part].shape) != size:
+                    raise ValueError(f"The posterior's {part} of {name} has shape {list(block.factors[part].shape)}, expected "
                                      f"{list(size)} for a δ of shape {list(shape)}.")
-        for name, diag in self._diagonals().items():
+        for name, diag in diagonals.items():
             if diag.shape != deltas[name].shape:
                 raise ValueError(f"The posterior's diagonal of {name} has shape {list(diag.shape)}, expected "
                                  f"{list(deltas[name].shape)}.")

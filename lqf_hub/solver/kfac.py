@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from ..errors import CurvatureError
+from ..modeling.kfac_state import BlockState, kfac_state, parse_kfac_state
 
 NetworkCall = Callable[[Mapping[str, Tensor]], Tensor]
 
@@ -449,32 +450,12 @@ class KFAC:
     def state_dict(self) -> dict[str, Tensor]:
         if not self.finalized:
             raise RuntimeError("Only a finalized K-FAC can be saved.")
-        state = {f"diag/{n}": d for n, d in self.diag_eig.items()}
-        for name, block in self.blocks.items():
-            state.update({f"block/{name}/{k}": v for k, v in block.eig.items()})
-            state[f"block/{name}/groups"] = torch.tensor(block.groups)
-            state[f"block/{name}/bias_index"] = torch.tensor(-1 if block.bias is None else list(self.deltas).index(block.bias))
-        return state
+        blocks = {name: BlockState(block.eig, block.groups, block.bias) for name, block in self.blocks.items()}
+        return kfac_state(blocks, self.diag_eig, list(self.deltas))
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        names = list(self.deltas)
-        self.blocks, self.diag_eig = {}, {}
-        for key, value in state.items():
-            kind, rest = key.split("/", 1)
-            if kind == "diag":
-                self.diag_eig[rest] = value
-                continue
-            name, part = rest.rsplit("/", 1)
-            block = self.blocks.setdefault(name, _Block(name, None, 1))
-            if part == "groups":
-                block.groups = int(value)
-            elif part == "bias_index":
-                block.bias = None if int(value) < 0 else names[int(value)]
-            else:
-                block.eig[part] = value
-        unknown = [n for n in [*self.blocks, *self.diag_eig] if n not in self.deltas]
-        if unknown:
-            raise ValueError(f"K-FAC state names tensors this model does not linearize: {unknown[:3]}.")
+        blocks, self.diag_eig = parse_kfac_state(state, list(self.deltas))
+        self.blocks = {name: _Block(name, block.bias, block.groups, eig=block.factors) for name, block in blocks.items()}
         self.finalized = True
 
 
