@@ -208,9 +208,10 @@ class KrylovPath:
     def __init__(
         self, data: DataTerm, metric: PriorMetric, ridges: list[float], *, tolerance: float,
         max_iterations: int, progress: bool = False, description: str = "Lanczos (every λ at once)",
+        start: Tensor | None = None,
     ) -> None:
         self.metric = metric
-        start = metric.power(data.rhs, 0.5)
+        start = metric.power(data.rhs, 0.5) if start is None else start  # another start: a probe of A's spectrum
         self.beta0 = math.sqrt(_inner(start, start))
         basis = [(start / self.beta0).cpu()]
         self.alphas: list[float] = []
@@ -242,6 +243,12 @@ class KrylovPath:
         """θ_max: the largest Ritz value, the largest curvature of the data term in the prior's metric."""
         return float(np.linalg.eigvalsh(self._tridiagonal()).max())
 
+    def quadrature(self, function: Callable[[np.ndarray], np.ndarray]) -> float:
+        """``sᵀ f(A) s`` for the start ``s`` by Gauss quadrature on the path's Ritz values (Golub & Meurant):
+        ``β₀² Σ_k τ_k² f(θ_k)``, exact for polynomials of degree < 2·iterations."""
+        ritz, vectors = np.linalg.eigh(self._tridiagonal())
+        return self.beta0 ** 2 * float(np.sum(vectors[0] ** 2 * function(np.clip(ritz, 0.0, None))))
+
     def _tridiagonal(self) -> np.ndarray:
         k = len(self.alphas)
         return np.diag(self.alphas) + np.diag(self.betas[: k - 1], 1) + np.diag(self.betas[: k - 1], -1)
@@ -251,6 +258,10 @@ class KrylovPath:
         rhs = np.zeros(k)
         rhs[0] = self.beta0
         return np.linalg.solve(self._tridiagonal() + ridge * np.eye(k), rhs)
+
+    def decrease(self, ridge: float) -> float:
+        """``L(0) − L(δ_λ) = ½ bᵀ(G + λM)⁻¹b`` on the subspace: ``½ β₀ y₁`` (a start other than b: ``½ sᵀ(A + λ)⁻¹s``)."""
+        return 0.5 * self.beta0 * float(self._coefficients(ridge)[0])
 
     def residual(self, ridge: float) -> float:
         """Estimated ``‖∇L(δ_λ)‖_{M⁻¹} / ‖∇L(0)‖_{M⁻¹}`` (Lanczos: β_k |y_k|)."""
@@ -283,6 +294,10 @@ class HeadPath:
 
     def residual(self, ridge: float) -> float:
         return 0.0
+
+    def decrease(self, ridge: float) -> float:
+        """``L(0) − L(δ_λ)``: ``½ tr(crossᵀ (gram + λ)⁻¹ cross)``."""
+        return 0.5 * float((self.projected.square().sum(1) / (self.eigenvalues.clamp_min(0) + ridge)).sum())
 
     def solution(self, ridge: float) -> Tensor:
         """δ with the head's part at its optimum for λ = ``ridge`` and the rest zero: ``[P]``."""
