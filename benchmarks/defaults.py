@@ -20,6 +20,8 @@ EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in one 
         --out benchmarks/results/defaults/test.jsonl
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
         --seeds 0 --out benchmarks/results/defaults/test-100shots.jsonl
+    python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
+        --seeds 1 2 --out benchmarks/results/defaults/test-100shots.jsonl   # stopped after seed 1's first 3 tasks
     python benchmarks/defaults.py test-summary benchmarks/results/defaults/test*.jsonl \
         --report benchmarks/results/defaults/test.md
 
