@@ -125,7 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     result = measure(args.model, args.images, args.forgets)
     command = (f"python benchmarks/demo.py --model {args.model} --images {args.images} --forgets {args.forgets}"
-               + (f" --screenshot {args.screenshot}" if args.screenshot else "") + (f" --out {args.out}" if args.out else ""))
+               + (f" --screenshot {args.screenshot}" if args.screenshot else "")
+               + (f" --out {args.out}" if args.out else ""))
     text = report(args.model, result, command)
     print(text)
     if args.out:

@@ -99,12 +99,13 @@ def run(args) -> None:
 def summary(args) -> None:
     rows = [json.loads(line) for path in args.results for line in path.open()]
     lines = ["# The evidence against cross-validation: the choice of the prior and λ", "",
-             "Made by `benchmarks/evidence.py` (commands in its docstring). Each rule's choice refit to the certificate "
-             "on the same training images and scored on held-out validation images of the task's train split (no "
-             "test image). Products: with G, each a pass over the training images (cross-validation's folds: "
-             "4/5 of a pass each, counted as passes).", "",
-             "| task | shots | seed | cross-validation: prior, λ | evidence: prior, λ | validation accuracy % (CV / evidence) "
-             "| validation loss (CV / evidence) | passes (CV / evidence) |", "|---|---:|---:|---|---|---|---|---|"]
+             "Made by `benchmarks/evidence.py` (commands in its docstring). Each rule's choice refit to the "
+             "certificate on the same training images and scored on held-out validation images of the task's train "
+             "split (no test image). Passes: the rule's products with G, in passes over all the training images (a "
+             "fold's product covers 4/5 of them).", "",
+             "| task | shots | seed | cross-validation: prior, λ | evidence: prior, λ "
+             "| validation accuracy % (CV / evidence) | validation loss (CV / evidence) | passes (CV / evidence) |",
+             "|---|---:|---:|---|---|---|---|---|"]
     differences = []
     for r in rows:
         cv, ev = r["cross-validation"], r["evidence"]
@@ -114,9 +115,10 @@ def summary(args) -> None:
                      f"{cv['validation_loss']:.2f} / {ev['validation_loss']:.2f} | {cv['passes']:.0f} / "
                      f"{ev['passes']:.0f} |")
     if len(differences) > 1:
-        mean, sd = statistics.mean(differences), statistics.stdev(differences)
-        lines += ["", f"Evidence − cross-validation, validation accuracy: {mean:+.2f} ± {sd / len(differences) ** 0.5:.2f} "
-                      f"points (mean ± standard error over {len(differences)} draws)."]
+        mean, error = statistics.mean(differences), statistics.stdev(differences) / len(differences) ** 0.5
+        noise = " (within noise)" if abs(mean) < 2 * error else ""
+        lines += ["", f"Evidence − cross-validation, validation accuracy: {mean:+.2f} ± {error:.2f} points (mean ± "
+                      f"standard error over {len(differences)} draws){noise}."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.report:

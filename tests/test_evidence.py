@@ -1,4 +1,4 @@
-"""The evidence against the Gaussian marginal likelihood of the targets, computed directly from brute-force Jacobians."""
+"""The evidence against the Gaussian marginal likelihood of the targets, computed from brute-force Jacobians."""
 
 import math
 

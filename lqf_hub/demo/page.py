@@ -17,9 +17,11 @@ def build_page(session: DemoSession, *, title: str = "LQF model") -> gr.Blocks:
     model, count = session.model, session.training_count
     summary = model.training_summary or {}
     certificate = summary.get("relative_gradient_norm")
+    linearized = model.config.linearize
+    linearized = ", ".join(linearized) if isinstance(linearized, list) else linearized
     with gr.Blocks(title=f"{title} · lqf-hub") as page:
         gr.Markdown(
-            f"# {title}\n{model.config.backbone.architecture}, linearized ({model.config.linearize}) and solved on {count} "
+            f"# {title}\n{model.config.backbone.architecture}, linearized ({linearized}) and solved on {count} "
             f"training images: prior {summary.get('prior', '?')}, λ = {model.config.ridge:g}"
             + (f", certified (relative gradient {certificate:.1e})" if certificate is not None else "")
             + ". Every prediction is the base network's output plus one exact share per training image."
@@ -66,12 +68,13 @@ def build_page(session: DemoSession, *, title: str = "LQF model") -> gr.Blocks:
             return (prediction.probabilities, _split_text(prediction, row, count), _gallery(session, row["supporting"]),
                     _gallery(session, row["opposing"]), gr.update(choices=choices, value=[]), "", None)
 
+        # a gr.Progress default makes Gradio show the call's tqdm bars on the page (the argument itself is unused)
         def forget_images(picture: Image.Image | None, indices: list[int], progress=gr.Progress(track_tqdm=True)):
             if picture is None or not indices:
                 raise gr.Error("Pick an image and at least one training image to forget.")
             z = session.encode(picture)
             before = session.predict(z)
-            new, record = session.forget(indices)
+            new, record = session.forget(indices, progress=True)  # its solver's bars show on the page
             now = session.predict(z, new)
             text = (f"**Without {', '.join(f'#{i}' for i in sorted(indices))}**: {now.label} "
                     f"(output {now.output:.3f}; before: {before.label}, {before.output:.3f}). Certified: relative "

@@ -8,6 +8,7 @@ one backward pass and one forward-mode pass over the training images' tails, a f
 certified solve on the kept trunk outputs.
 """
 
+import itertools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,8 @@ class DemoSession:
             probabilities = model.predict_proba(trunk_output=trunk_output)[0]
             output = model(trunk_output=trunk_output)[0]
         predicted = int(output.argmax())
-        std = None if model.posterior is None else float(model.predict_uncertainty(trunk_output=trunk_output)[0, predicted])
+        std = None if model.posterior is None else \
+            float(model.predict_uncertainty(trunk_output=trunk_output)[0, predicted])
         names = model.config.id2label
         return Prediction({names[c]: float(p) for c, p in enumerate(probabilities)}, names[predicted],
                           float(output[predicted]), std)
@@ -87,13 +89,13 @@ class DemoSession:
         explanation = self.explainer.explain(trunk_output, only_predicted=True)
         return explanation.summary(top_k, self.model.config.id2label, self.explainer.data.labels)
 
-    def forget(self, indices: list[int]) -> tuple[LQFModel, dict[str, Any]]:
+    def forget(self, indices: list[int], *, progress: bool = False) -> tuple[LQFModel, dict[str, Any]]:
         """The certified optimum without the training images ``indices`` (same λ and prior), warm-started from
         the model and solved on the kept trunk outputs; kept for the session. Returns it and the solver's record."""
         key = tuple(sorted(set(int(i) for i in indices)))
         if key not in self._forgotten:
             output = Path(tempfile.mkdtemp(prefix="forget-", dir=self._directory("forgotten")))
-            args = LQFTrainingArguments(output_dir=str(output), progress=False)
+            args = LQFTrainingArguments(output_dir=str(output), progress=progress)
             self._forgotten[key] = forget(self.model, self.trunk, list(key), args)
         return self._forgotten[key]
 
@@ -118,8 +120,9 @@ class DemoSession:
         except (KeyError, OSError, ValueError, DataUnreachable):
             return []
         labels = label_array(test)
-        firsts = np.unique(labels, return_index=True)[1]  # one image per class, then the next ones
-        order = [*firsts.tolist(), *(i for i in range(len(test)) if i not in set(firsts.tolist()))][:count]
+        firsts = np.unique(labels, return_index=True)[1].tolist()  # one image per class, then the next ones
+        taken = set(firsts)
+        order = list(itertools.islice(itertools.chain(firsts, (i for i in range(len(test)) if i not in taken)), count))
         folder, names = self._directory("examples"), self.model.config.id2label
         paths = []
         for i in order:

@@ -25,7 +25,8 @@ class BlockState:
     bias: str | None
 
 
-def kfac_state(blocks: Mapping[str, BlockState], diagonals: Mapping[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+def kfac_state(blocks: Mapping[str, BlockState], diagonals: Mapping[str, Tensor],
+               names: list[str]) -> dict[str, Tensor]:
     """The saved form of ``blocks`` (weight name -> block) and ``diagonals`` (name -> diagonal); ``names``: the
     linearized tensors in order (a bias is stored by its index)."""
     state = {f"diag/{name}": diagonal for name, diagonal in diagonals.items()}
@@ -58,7 +59,8 @@ def parse_kfac_state(state: Mapping[str, Tensor], names: list[str]) -> tuple[dic
         index = int(block["bias_index"])
         if not -1 <= index < len(names):
             raise ValueError(f"K-FAC state's block {name} has bias index {index}, not a linearized tensor.")
-        blocks[name] = BlockState({k: block[k] for k in FACTORS}, int(block["groups"]), None if index < 0 else names[index])
+        bias = None if index < 0 else names[index]
+        blocks[name] = BlockState({k: block[k] for k in FACTORS}, int(block["groups"]), bias)
     unknown = [n for n in [*blocks, *diagonals] if n not in names]
     if unknown:
         raise ValueError(f"K-FAC state names tensors this model does not linearize: {unknown[:3]}.")
