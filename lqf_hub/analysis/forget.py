@@ -25,8 +25,8 @@ def forget(
     model: LQFModel, train_dataset: Dataset, remove: Sequence[int], args: LQFTrainingArguments,
 ) -> tuple[LQFModel, dict[str, Any]]:
     """The optimum of ``model``'s objective without the training images ``remove`` (indices into
-    ``train_dataset``: the images the model was solved on, or their trunk outputs as a ``TrunkCache``), saved to ``args.output_dir/model``; ``model`` is
-    left as it is. The objective (λ, prior, damping) is the model's; ``args`` gives the rest of the run.
+    ``train_dataset``: the images the model was solved on, or their trunk outputs as a ``TrunkCache``), saved to
+    ``args.output_dir/model``; ``model`` is left as it is. The objective (λ, prior, damping) is the model's; ``args`` gives the rest of the run.
     Returns the new model and the solver's record (certificate, iterations, seconds)."""
     removed = sorted(set(int(i) for i in remove))
     if not removed:

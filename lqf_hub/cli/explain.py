@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _picture(raw, index: int):
     """Training image ``index``, or None where the training images are not reachable."""
-    return None if raw is None else raw[int(index)]["image"]
+    from ..data import pil_image
+
+    return None if raw is None else pil_image(raw, index)
 
 
 def _kernel_name(features) -> str:
