@@ -174,6 +174,7 @@ def test_the_page_in_a_browser_explains_an_image_and_forgets_two_training_images
             cells = page.locator("#ranking").inner_text().split()
             first = cells[cells.index("margin") + 1:][:4]  # index, label, others predict, margin
             assert first[0] == str(session.training_count - 1) and float(first[3]) == -3.0  # the kept order
+            assert page.locator("#ranked").inner_text().startswith(f"3 of {session.training_count} labels disputed")
             browser.close()
     finally:
         page_app.close()

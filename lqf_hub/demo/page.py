@@ -54,6 +54,7 @@ def build_page(session: DemoSession, *, title: str = "LQF model") -> gr.Blocks:
                         f"mislabelled. Computing it takes {count * model.num_classes} passes over the training "
                         "images unless `lqf-hub explain --training-set` kept it in the demo's cache directory.")
             rank_button = gr.Button("Rank the training images", elem_id="rank")
+            ranked = gr.Markdown(elem_id="ranked")
             disputed = gr.Gallery(label="Most disputed first", columns=8, elem_id="disputed")
             ranking = gr.Dataframe(headers=["train index", "label", "others predict", "margin"], elem_id="ranking")
 
@@ -87,12 +88,15 @@ def build_page(session: DemoSession, *, title: str = "LQF model") -> gr.Blocks:
             gallery = [(picture, f"#{row['train_index']} {row['label']} → {row['others_predict']} "
                         f"({row['margin']:+.2f})") for row in top if (picture := session.picture(row["train_index"]))]
             table = [[row["train_index"], row["label"], row["others_predict"], round(row["margin"], 3)] for row in top]
-            return gallery, table
+            disputed_count = sum(row["margin"] < 0 for row in rows)
+            text = (f"{disputed_count} of {len(rows)} labels disputed (the optimum without the image predicts "
+                    f"another class); kernel: {kernel}.")
+            return text, gallery, table
 
         image.change(explain, inputs=image,
                      outputs=[probabilities, split, raising, lowering, chosen, after, after_probabilities])
         forget_button.click(forget_images, inputs=[image, chosen], outputs=[after, after_probabilities])
-        rank_button.click(rank, outputs=[disputed, ranking])
+        rank_button.click(rank, outputs=[ranked, disputed, ranking])
     return page
 
 
