@@ -10,8 +10,8 @@ each choice refit to the certificate on the training images and scored on valida
 of the task's train split held out before the training images are drawn from the rest. No test image is read.
 Products with G (passes over the training images) are counted for each rule.
 
-    python benchmarks/evidence.py run --tasks fashion-mnist mnist-5k --shots 20 100 --seeds 0 \\
-        --out benchmarks/results/evidence.jsonl
+    python benchmarks/evidence.py run --tasks fashion-mnist mnist-5k fashion-upper digits --shots 20 --seeds 0 \\
+        --out benchmarks/results/evidence.jsonl          # the committed rows: --seeds 0, then --seeds 1
     python benchmarks/evidence.py summary benchmarks/results/evidence.jsonl --report benchmarks/results/evidence.md
 """
 
