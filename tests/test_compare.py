@@ -12,8 +12,11 @@ from lqf_hub.compare.runner import (
     DATA_FIELDS,
     METHODS,
     PRESETS,
+    PROBIT,
     RUNS_FILE,
+    SOFTMAX,
     SUPERSEDED_FILE,
+    TEMPERATURE_SCALED,
     CompareSettings,
     _backbone,
     _choose,
@@ -53,9 +56,16 @@ def test_every_method_runs_once_per_draw_with_its_choice_made_on_validation(swep
     assert [v["epochs"] for v in by_method["lqf-cross-entropy"]["validation"]] == [1, 2]
     assert by_method["lqf"]["certificate"]["relative_gradient_norm"] <= 1e-4
     assert by_method["lqf"]["chosen"]["ridge"] in [v["ridge"] for v in by_method["lqf"]["validation"]]
+    for run in runs:  # every method scores its probabilities on the test images
+        for metrics in run["probabilities"].values():
+            assert metrics["nll"] > 0 and 0 <= metrics["ece"] <= 1 and 0 <= metrics["brier"] <= 2, run
+    fine_tuning, laplace = by_method["fine-tuning"], by_method["laplace"]
+    assert set(fine_tuning["probabilities"]) == {SOFTMAX, TEMPERATURE_SCALED} and fine_tuning["temperature"] > 0
+    assert laplace["chosen"] == by_method["linear-probe"]["chosen"] and laplace["prior_precision"] > 0  # the probe's MAP
     assert (output / "error_vs_shots.png").read_bytes()[:4] == b"\x89PNG"
     report = (output / "results.md").read_text()
     assert "lqf-hub compare --tiny" in report and "| lqf |" in report and "| fine-tuning |" in report
+    assert f"| fine-tuning | {TEMPERATURE_SCALED} |" in report and f"| laplace | {PROBIT} |" in report
     assert json.loads((output / "results.json").read_text())["runs"] == runs
 
 
@@ -82,11 +92,11 @@ def test_a_changed_grid_reruns_that_method_only_and_keeps_its_old_runs(swept, tm
     settings, output, _ = swept
     runs = load_runs(output, settings)  # with what the restart test added
     (tmp_path / RUNS_FILE).write_text((output / RUNS_FILE).read_text())
-    probes = [r for r in runs if r["method"] == "linear-probe"]
+    probes = [r for r in runs if r["method"] in ("linear-probe", "laplace")]  # Laplace sits on the probe's MAP
     wider = CompareSettings(**{**TINY, "probe_weight_decays": [1e-2, 1.0, 100.0]})
     with pytest.warns(UserWarning, match=f"{len(probes)} run"):
         kept = load_runs(tmp_path, wider)
-    assert kept == [r for r in runs if r["method"] != "linear-probe"]
+    assert kept == [r for r in runs if r["method"] not in ("linear-probe", "laplace")]
     assert [json.loads(line) for line in (tmp_path / SUPERSEDED_FILE).read_text().splitlines()] == \
         probes
     rerun = run_comparison(CompareSettings(**{**TINY, "probe_weight_decays": [1e-2, 1.0, 100.0],

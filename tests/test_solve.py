@@ -77,6 +77,32 @@ def test_solution_is_the_closed_form_to_1e_8(prior):
     assert certificate.objective == pytest.approx(objective(j, residual, ridge, metric, expected), rel=1e-10)
 
 
+def test_another_preconditioner_reaches_the_same_certified_optimum():
+    """The exact ``(G + λM)⁻¹`` as preconditioner: one CG step from the fresh residual, then the certificate (in M⁻¹'s
+    norm, whatever preconditions) from a fresh product. ``2M⁻¹`` takes M's own CG steps (CG does not see a scale)."""
+    j, residual, data, metric = setup("kfac", batch_size=8)
+    ridge = 0.05
+    expected = closed_form(j, residual, ridge, metric)
+    n = j.shape[0] // NUM_CLASSES
+    m_inverse_jt = torch.stack([metric.power(row, 1.0) for row in j], dim=1)  # [P, N·C]
+    dual = torch.linalg.inv(j @ m_inverse_jt + n * ridge * torch.eye(j.shape[0], dtype=j.dtype))
+
+    def exact(r: torch.Tensor) -> torch.Tensor:  # Woodbury: (JᵀJ/N + λM)⁻¹ = (M⁻¹ − M⁻¹Jᵀ(JM⁻¹Jᵀ + NλI)⁻¹JM⁻¹) / λ
+        return (metric.power(r, 1.0) - m_inverse_jt @ (dual @ (m_inverse_jt.T @ r))) / ridge
+
+    reached = {}
+    for name, preconditioner in (("exact", exact), ("2M⁻¹", lambda r: 2 * metric.power(r, 1.0)), ("M⁻¹", None)):
+        gradients = []
+        delta, certificate = solve(data, metric, ridge, tolerance=1e-10, preconditioner=preconditioner,
+                                   callback=gradients.append)
+        assert (delta - expected).norm() / expected.norm() < 1e-7 and certificate.relative_gradient_norm <= 1e-10
+        assert len(gradients) == certificate.iterations and gradients[0] == pytest.approx(1.0)
+        assert gradients[-1] == pytest.approx(certificate.relative_gradient_norm, rel=1e-6)
+        reached[name] = certificate.iterations
+    assert reached["exact"] == 3 < reached["M⁻¹"]  # a fresh residual, one step, the certificate's product
+    assert abs(reached["2M⁻¹"] - reached["M⁻¹"]) <= 0.1 * reached["M⁻¹"]  # the same steps but for rounding at 1e-10
+
+
 @pytest.mark.parametrize("prior", ["isotropic", "kfac"])
 def test_the_certificate_bounds_the_true_suboptimality(prior):
     j, residual, data, metric = setup(prior, batch_size=24)

@@ -1,4 +1,5 @@
-"""The two baselines LQF is measured against: a linear probe and ordinary (non-linear) fine-tuning."""
+"""The baselines LQF is measured against: a linear probe, the probe with laplace-torch's Laplace posterior, and
+ordinary (non-linear) fine-tuning."""
 
 import copy
 import math
@@ -6,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from ..data import collate
@@ -53,6 +54,33 @@ def probe_scores(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_
         logits = head(features)
     return {"accuracy": int((logits.argmax(-1) == labels).sum()) / len(labels),
             **probability_metrics(logits.double().softmax(-1), labels)}
+
+
+def laplace_predictive(
+    head: nn.Linear, train_features: Tensor, train_labels: Tensor, test_features: Tensor, *,
+    hessian_structure: str = "kron", prior_precision: float | None = None,
+) -> tuple[Tensor, float]:
+    """laplace-torch's Laplace posterior over the MAP ``head`` (the last layer on frozen features), its prior
+    precision maximising the Laplace marginal likelihood (or fixed at ``prior_precision``), and its GLM predictive
+    with the probit approximation: probabilities ``[M, K]`` on ``test_features [M, D]`` and the prior precision.
+
+    ``train_features [N, D]``, ``train_labels [N]``: what ``head`` was fitted on. Needs ``pip install lqf-hub[laplace]``.
+    """
+    try:
+        from laplace import Laplace
+    except ImportError as err:
+        raise ImportError("The Laplace baseline needs laplace-torch: pip install 'lqf-hub[laplace]'.") from err
+    model = nn.Sequential(copy.deepcopy(head)).double()  # one layer: its "all" weights are the last layer's
+    laplace = Laplace(model, "classification", subset_of_weights="all", hessian_structure=hessian_structure)
+    loader = DataLoader(TensorDataset(train_features.double(), train_labels), batch_size=256)
+    laplace.fit(loader)
+    if prior_precision is None:
+        laplace.optimize_prior_precision(method="marglik")
+    else:
+        laplace.prior_precision = prior_precision
+    with torch.no_grad():
+        probabilities = laplace(test_features.double(), pred_type="glm", link_approx="probit")
+    return probabilities, float(laplace.prior_precision)
 
 
 def fine_tune(

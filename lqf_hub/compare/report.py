@@ -162,6 +162,7 @@ def markdown(settings, runs: list[dict], command: str | None = None) -> str:
             cells.append(f"{text} · {cell['seconds']:.0f} s")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     totals = {m: sum(r["seconds"] for r in runs if r["method"] == m) for m in methods}
+    lines += probability_table(runs, shots)
     lines += ["", f"The runs' seconds add up to {sum(totals.values()) / 60:.0f} minutes (per method: "
               + ", ".join(f"{m} {totals[m] / 60:.1f}" for m in methods) + "); loading the data is not counted."]
     lines += ["", "## Targets (issue #10)", "", *targets(table), "", "## Methods", ""]
@@ -177,6 +178,34 @@ def markdown(settings, runs: list[dict], command: str | None = None) -> str:
         lines.append(f"| {run['method']} | {run['shots'] or 'all'} | {run['seed']} | {chosen} | {100 * run['error']:.1f} | "
                      f"{run['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def probability_table(runs: list[dict], shots: list[int]) -> list[str]:
+    """Markdown lines: test NLL, ECE and Brier score (mean ± sd over seeds) per method and way of making its
+    probabilities, one column per shot count; nothing when no run recorded probabilities."""
+    cells: dict[tuple[str, str], dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        for made, metrics in (run.get("probabilities") or {}).items():
+            cells[run["method"], made][run["shots"]].append(metrics)
+    if not cells:
+        return []
+    order = list(METHODS)
+    lines = ["", "Probabilities on the same test images: NLL · ECE (15 bins, %) · Brier score, mean ± sd over seeds "
+             "(lower is better).", "", "| method | probabilities | " + " | ".join(shots_text(s) for s in shots) + " |",
+             "|---|---|" + "---:|" * len(shots)]
+    for method, made in sorted(cells, key=lambda key: (order.index(key[0]) if key[0] in order else 99, key[1])):
+        row = []
+        for s in shots:
+            group = cells[method, made].get(s, [])
+            row.append(" · ".join(_mean_sd([m[k] * scale for m in group], digits)
+                                  for k, scale, digits in (("nll", 1, 3), ("ece", 100, 1), ("brier", 1, 3))) if group else "")
+        lines.append(f"| {method} | {made} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    text = f"{statistics.mean(values):.{digits}f}"
+    return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
 def plot(runs: list[dict], title: str, path: Path) -> None:

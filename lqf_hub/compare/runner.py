@@ -48,11 +48,12 @@ from ..data import (
 )
 from ..errors import TrainingDiverged
 from ..files import atomic_write_text
+from ..modeling.calibration import fit_temperature, probability_metrics
 from ..modeling.model import LQFModel
 from ..training.arguments import LQFTrainingArguments
 from ..training.cache import content_digests
 from ..training.trainer import LQFTrainer
-from .baselines import fine_tune, linear_probe, predict
+from .baselines import fine_tune, laplace_predictive, linear_probe, predict
 from .methods import METHODS, Method
 from .report import write_report
 
@@ -144,6 +145,7 @@ METHOD_FIELDS = {
     "solve": ("linearize",),  # λ by cross-validation over all the training images: no held-out part
     "sgd": ("linearize", "validation_fraction", "sgd_epochs"),
     "probe": ("validation_fraction", "probe_weight_decays"),
+    "laplace": ("validation_fraction", "probe_weight_decays"),  # the probe's MAP, then its posterior
     "ft": ("validation_fraction", "ft_learning_rates", "ft_augmentations", "ft_epochs", "ft_min_steps",
            "ft_batch_size", "ft_label_smoothing"),
 }
@@ -317,9 +319,11 @@ def _decoded(dataset: datasets.Dataset, data_config: dict) -> list[dict]:
 
 
 def _run_method(method: Method, draw: Draw, settings: CompareSettings) -> dict:
-    """``{"accuracy", "error", "seconds", "chosen", "validation", ...}``: test accuracy of the final model,
-    time to it (choice included), the chosen value and every candidate's held-out score."""
-    runner = {"solve": _run_solve, "sgd": _run_sgd, "probe": _run_probe, "ft": _run_fine_tuning}[method.kind]
+    """``{"accuracy", "error", "seconds", "chosen", "validation", "probabilities", ...}``: test accuracy of the final
+    model, time to it (choice included), the chosen value, every candidate's held-out score and the test NLL, ECE and
+    Brier score of the model's probabilities (``{way they were made: {"nll", "ece", "brier"}}``)."""
+    runner = {"solve": _run_solve, "sgd": _run_sgd, "probe": _run_probe, "laplace": _run_laplace,
+              "ft": _run_fine_tuning}[method.kind]
     started = time.perf_counter()
     try:
         result = runner(method, draw, settings)
@@ -346,6 +350,7 @@ def _run_solve(method: Method, draw: Draw, settings: CompareSettings) -> dict:
         final = trainer.train()[-1]
     selection = trainer.selection
     return {"accuracy": final["eval_accuracy"], "chosen": {"prior": final["prior"], "ridge": final["ridge"]},
+            "probabilities": {CALIBRATED: {k: final[f"eval_{k}"] for k in PROBABILITY_METRICS}},
             "validation": [{"ridge": p["ridge"], "accuracy": p["validation_accuracy"], "loss": p["validation_loss"]}
                            for p in selection["paths"][selection["prior"]]],  # the chosen prior's path
             "best_loss": {kind: min(p["validation_loss"] for p in path) for kind, path in selection["paths"].items()},
@@ -364,6 +369,7 @@ def _run_sgd(method: Method, draw: Draw, settings: CompareSettings) -> dict:
     with tempfile.TemporaryDirectory() as out:
         final = _lqf_trainer(method, draw, settings, None, None, out, **_sgd_run(chosen["epochs"])).train()[-1]
     return {"accuracy": final["eval_accuracy"], "chosen": chosen, "validation": validation,
+            "probabilities": {SOFTMAX: {k: final[f"eval_{k}"] for k in PROBABILITY_METRICS}},  # T = 1: none fitted
             "train_loss": final["train_loss"]}
 
 
@@ -371,7 +377,9 @@ def _sgd_run(epochs: int) -> dict:
     return {"epochs": epochs, "eval_every": epochs, "save_every": epochs}
 
 
-def _run_probe(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+def _probe(draw: Draw, settings: CompareSettings) -> dict:
+    """The linear probe, its weight decay chosen on the held-out part, refit on every training image: ``{"head",
+    "features", "labels", "test_features", "test_labels", "chosen", "validation"}`` (features ``[N, D]``)."""
     with tempfile.TemporaryDirectory() as out:
         trainer = _lqf_trainer(Method("solve", "", config={"linearize": "head"}), draw, settings, None, None, out)
         features, labels = trainer.features("train")
@@ -386,9 +394,24 @@ def _run_probe(method: Method, draw: Draw, settings: CompareSettings) -> dict:
     chosen, validation = _choose([{"weight_decay": w} for w in settings.probe_weight_decays],
                                  lambda c: score(c["weight_decay"]))
     head = linear_probe(features, labels, draw.num_classes, chosen["weight_decay"])
+    return {"head": head, "features": features, "labels": labels, "test_features": test_features,
+            "test_labels": test_labels, "chosen": chosen, "validation": validation}
+
+
+def _run_probe(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+    probe = _probe(draw, settings)
     with torch.no_grad():
-        accuracy, _ = _accuracy_and_loss(head(test_features), test_labels)
-    return {"accuracy": accuracy, "chosen": chosen, "validation": validation}
+        logits = probe["head"](probe["test_features"])
+    return {**_scores(logits.double().softmax(-1), probe["test_labels"], SOFTMAX),
+            "chosen": probe["chosen"], "validation": probe["validation"]}
+
+
+def _run_laplace(method: Method, draw: Draw, settings: CompareSettings) -> dict:
+    probe = _probe(draw, settings)
+    probabilities, precision = laplace_predictive(probe["head"], probe["features"], probe["labels"],
+                                                  probe["test_features"])
+    return {**_scores(probabilities, probe["test_labels"], PROBIT), "chosen": probe["chosen"],
+            "validation": probe["validation"], "prior_precision": precision}
 
 
 def _run_fine_tuning(method: Method, draw: Draw, settings: CompareSettings) -> dict:
@@ -410,10 +433,32 @@ def _run_fine_tuning(method: Method, draw: Draw, settings: CompareSettings) -> d
     held = draw.items(draw.held)
     candidates = [{"learning_rate": lr, "augmentation": a}
                   for lr in settings.ft_learning_rates for a in settings.ft_augmentations]
-    chosen, validation = _choose(candidates, lambda c: _accuracy_and_loss(*predict(train(draw.fit, c), held)))
-    final = train(None, chosen)
-    accuracy, _ = _accuracy_and_loss(*predict(final, draw.test_items))
-    return {"accuracy": accuracy, "chosen": chosen, "validation": validation}
+    held_out = {}  # each candidate's held-out logits and labels: the chosen one's fit the temperature
+
+    def score(candidate: dict) -> tuple[float, float]:
+        held_out[json.dumps(candidate)] = predict(train(draw.fit, candidate), held)
+        return _accuracy_and_loss(*held_out[json.dumps(candidate)])
+
+    chosen, validation = _choose(candidates, score)
+    temperature = fit_temperature(*held_out[json.dumps(chosen)])
+    logits, labels = predict(train(None, chosen), draw.test_items)
+    result = _scores(logits.double().softmax(-1), labels, SOFTMAX)
+    result["probabilities"][TEMPERATURE_SCALED] = probability_metrics((logits.double() / temperature).softmax(-1), labels)
+    return {**result, "chosen": chosen, "validation": validation, "temperature": temperature}
+
+
+# how a run's probabilities were made (keys of its "probabilities")
+SOFTMAX = "softmax"
+CALIBRATED = "softmax(f / T), T fitted on the out-of-fold outputs"
+TEMPERATURE_SCALED = "softmax(f / T), T fitted on the held-out part"
+PROBIT = "probit approximation of the Laplace GLM predictive"
+PROBABILITY_METRICS = ("nll", "ece", "brier")
+
+
+def _scores(probabilities: torch.Tensor, labels: torch.Tensor, made: str) -> dict:
+    """Test accuracy and ``{"probabilities": {made: NLL, ECE, Brier}}`` of ``probabilities [N, K]``."""
+    return {"accuracy": float((probabilities.argmax(-1) == labels).double().mean()),
+            "probabilities": {made: probability_metrics(probabilities, labels)}}
 
 
 def _choose(candidates: list[dict], score: Callable[[dict], tuple[float, float]]) -> tuple[dict, list[dict]]:

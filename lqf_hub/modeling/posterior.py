@@ -19,7 +19,7 @@ of models that did not see those images); N the number of training images.
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -49,6 +49,8 @@ class Posterior:
     ridge: float
     count: int
     noise_variance: float
+    _blocks: dict[str, BlockState] = field(init=False, repr=False)
+    _diagonals: dict[str, Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.prior not in PRIORS:
@@ -58,6 +60,7 @@ class Posterior:
                 raise ValueError(f"The posterior's `{name}` must be a finite number > 0, got {value!r}.")
         if not (math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"The posterior's `damping` must be a finite number >= 0, got {self.damping!r}.")
+        self._blocks, self._diagonals = self._parts()  # parsed once: every covariance reads them
 
     def covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
         """``σ²/N · J (G + λM)⁻¹ Jᵀ`` per image, from ``jacobians`` (network name -> ``[B, K, *shape]``, the
@@ -73,8 +76,7 @@ class Posterior:
 
     def _whiten(self, jacobians: Mapping[str, Tensor]) -> Tensor:
         parts, dtype = [], next(iter(jacobians.values())).dtype  # float32 sums of squares: no cancellation to fear
-        blocks, diagonals = self._parts()
-        for name, block in blocks.items():
+        for name, block in self._blocks.items():
             weight = jacobians[name]
             batch, groups = weight.shape[:2], block.groups
             matrix = weight.reshape(*batch, groups, weight.shape[2] // groups, -1).to(dtype)
@@ -90,7 +92,7 @@ class Posterior:
                 eigenvalues, mean = eig_b.unsqueeze(-1) * eig_a.unsqueeze(-2), eig_a.mean() * eig_b.mean()
             parts.append((rotated / self._damped(eigenvalues, mean).sqrt()).flatten(2))
         if self.prior != "head":
-            for name, diag in diagonals.items():
+            for name, diag in self._diagonals.items():
                 values, diag = jacobians[name].flatten(2).to(dtype), diag.to(jacobians[name].device, dtype).flatten()
                 parts.append(values / self._damped(diag, diag.mean()).sqrt())
         return torch.cat(parts, dim=-1)
@@ -128,7 +130,7 @@ class Posterior:
         if self.names != list(deltas):
             raise ValueError(f"The posterior was built for other linearized tensors: {self.names[:3]} … against "
                              f"{list(deltas)[:3]} ….")
-        blocks, diagonals = self._parts()
+        blocks, diagonals = self._blocks, self._diagonals
         covered = set(blocks) | {b.bias for b in blocks.values() if b.bias} | set(diagonals)
         unknown = sorted(covered - set(deltas))
         if unknown:
@@ -161,8 +163,8 @@ class Posterior:
         """The posterior saved as ``tensors`` and ``metadata``, checked against the model's ``deltas``; raises
         ValueError saying what is wrong."""
         try:
-            posterior = cls(dict(tensors), list(deltas), float(metadata["damping"]), metadata["prior"],
-                            float(metadata["ridge"]), int(metadata["count"]), float(metadata["noise_variance"]))
+            scalars = (float(metadata["damping"]), metadata["prior"], float(metadata["ridge"]), int(metadata["count"]),
+                       float(metadata["noise_variance"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"The posterior's metadata is incomplete or invalid: {err}") from None
-        return posterior.check(deltas)
+        return cls(dict(tensors), list(deltas), *scalars).check(deltas)

@@ -35,6 +35,7 @@ from .curvature import gauss_newton_batch
 from .kfac import KFAC, symmetric_eigh
 
 ReduceSum = Callable[[Tensor], Tensor]
+Preconditioner = Callable[[Tensor], Tensor]  # r ↦ P⁻¹r, [P] -> [P]
 HEAD_PARAMETERS = ("head.weight", "head.bias")
 """The new head's parameters, by network name (``lqf_hub.modeling.model.LQFModel`` names its classifier ``head``)."""
 
@@ -241,15 +242,16 @@ class KrylovPath:
     @property
     def scale(self) -> float:
         """θ_max: the largest Ritz value, the largest curvature of the data term in the prior's metric."""
-        return float(np.linalg.eigvalsh(self._tridiagonal()).max())
+        return float(np.linalg.eigvalsh(self.tridiagonal()).max())
 
     def quadrature(self, function: Callable[[np.ndarray], np.ndarray]) -> float:
         """``sᵀ f(A) s`` for the start ``s`` by Gauss quadrature on the path's Ritz values (Golub & Meurant):
         ``β₀² Σ_k τ_k² f(θ_k)``, exact for polynomials of degree < 2·iterations."""
-        ritz, vectors = np.linalg.eigh(self._tridiagonal())
+        ritz, vectors = np.linalg.eigh(self.tridiagonal())
         return self.beta0 ** 2 * float(np.sum(vectors[0] ** 2 * function(np.clip(ritz, 0.0, None))))
 
-    def _tridiagonal(self) -> np.ndarray:
+    def tridiagonal(self) -> np.ndarray:
+        """The Lanczos tridiagonal matrix T ``[k, k]``: A restricted to the path's basis (its eigenvalues are the Ritz values)."""
         k = len(self.alphas)
         return np.diag(self.alphas) + np.diag(self.betas[: k - 1], 1) + np.diag(self.betas[: k - 1], -1)
 
@@ -257,7 +259,7 @@ class KrylovPath:
         k = len(self.alphas)
         rhs = np.zeros(k)
         rhs[0] = self.beta0
-        return np.linalg.solve(self._tridiagonal() + ridge * np.eye(k), rhs)
+        return np.linalg.solve(self.tridiagonal() + ridge * np.eye(k), rhs)
 
     def decrease(self, ridge: float) -> float:
         """``L(0) − L(δ_λ) = ½ bᵀ(G + λM)⁻¹b`` on the subspace: ``½ β₀ y₁`` (a start other than b: ``½ sᵀ(A + λ)⁻¹s``)."""
@@ -344,17 +346,27 @@ def certify(data: DataTerm, metric: PriorMetric, ridge: float, delta: Tensor, it
 
 def solve(
     data: DataTerm, metric: PriorMetric, ridge: float, *, tolerance: float = 1e-4, max_iterations: int = 500,
-    start: Tensor | None = None, progress: bool = False,
+    start: Tensor | None = None, progress: bool = False, preconditioner: Preconditioner | None = None,
+    callback: Callable[[float], None] | None = None,
 ) -> tuple[Tensor, Certificate]:
-    """``argmin L`` at ``ridge`` by conjugate gradients preconditioned by M, from ``start`` (default 0),
-    until the certificate from a fresh product holds: returns ``δ [P]`` and its ``Certificate``.
+    """``argmin L`` at ``ridge`` by conjugate gradients from ``start`` (default 0), preconditioned by M or by
+    ``preconditioner`` (``r ↦ P⁻¹r``, ``[P] -> [P]``, symmetric positive definite), until the certificate from a
+    fresh product holds: returns ``δ [P]`` and its ``Certificate``. ``callback`` gets the relative gradient (the
+    certificate's measure) after every product.
 
     Raises ``RuntimeError`` if ``max_iterations`` products do not reach ``tolerance``.
     """
     if not ridge > 0:
         raise ValueError(f"`ridge` must be > 0 for a certified solve, got {ridge}.")
     with tqdm(total=max_iterations, desc=f"conjugate gradients at λ={ridge:.3g}", disable=not progress) as bar:
-        delta, product, spent = _solve_linear(data, metric, ridge, data.rhs, start, tolerance, max_iterations, bar)
+        def report(relative: float) -> None:
+            bar.update()
+            bar.set_postfix(gradient=f"{relative:.2e}")
+            if callback is not None:
+                callback(relative)
+
+        delta, product, spent = _solve_linear(data, metric, ridge, data.rhs, start, tolerance, max_iterations, report,
+                                              preconditioner)
     return delta, certify(data, metric, ridge, delta, spent, product)[0]
 
 
@@ -364,7 +376,7 @@ def inverse_hessian_product(
 ) -> Tensor:
     """``(G + λM)⁻¹ v``: ``[P] -> [P]``, by conjugate gradients preconditioned by M until the residual from
     a fresh product is below ``tolerance`` relative to ``v`` (in M⁻¹'s norm, as the certificate's)."""
-    return _solve_linear(data, metric, ridge, vector, None, tolerance, max_iterations, None)[0]
+    return _solve_linear(data, metric, ridge, vector, None, tolerance, max_iterations, lambda relative: None)[0]
 
 
 def _dual_norm(vector: Tensor, metric: PriorMetric) -> float:
@@ -374,10 +386,11 @@ def _dual_norm(vector: Tensor, metric: PriorMetric) -> float:
 
 def _solve_linear(
     data: DataTerm, metric: PriorMetric, ridge: float, rhs: Tensor, start: Tensor | None, tolerance: float,
-    max_iterations: int, bar,
+    max_iterations: int, report: Callable[[float], None], preconditioner: Preconditioner | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """``(G + λM) x = rhs`` from ``start`` (default 0) until ``‖rhs − (G + λM)x‖_{M⁻¹} ≤ tol · ‖rhs‖_{M⁻¹}``
-    with the residual from a fresh product: ``x``, that product ``G·x`` and the products spent."""
+    with the residual from a fresh product: ``x``, that product ``G·x`` and the products spent. ``report`` gets
+    the relative residual after every product."""
     x = data.flat.zeros() if start is None else start.clone()
     rhs_norm = _dual_norm(rhs, metric)
     spent = 0
@@ -386,9 +399,7 @@ def _solve_linear(
         residual = rhs - product - ridge * metric.power(x, -1.0)
         spent += 1
         relative = _dual_norm(residual, metric) / rhs_norm
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(gradient=f"{relative:.2e}")
+        report(relative)
         if relative <= tolerance:
             return x, product, spent
         if spent >= max_iterations:
@@ -397,17 +408,18 @@ def _solve_linear(
                 f"{tolerance:.0e}); raise the iteration limit or the ridge."
             )
         x, used = _conjugate_gradients(data, metric, ridge, x, residual, 0.8 * tolerance, rhs_norm,
-                                       max_iterations - spent, bar)
+                                       max_iterations - spent, report, preconditioner)
         spent += used
 
 
 def _conjugate_gradients(
     data: DataTerm, metric: PriorMetric, ridge: float, x: Tensor, residual: Tensor, tolerance: float,
-    rhs_norm: float, budget: int, bar,
+    rhs_norm: float, budget: int, report: Callable[[float], None], preconditioner: Preconditioner | None,
 ) -> tuple[Tensor, int]:
     """PCG from ``x`` with ``residual = rhs − Hx`` until the recurrence's residual, in the certificate's norm
     and relative to ``rhs_norm``, is below ``tolerance``; then the caller recomputes it: recurrences drift."""
-    preconditioned = metric.power(residual, 1.0)
+    precondition = preconditioner or (lambda r: metric.power(r, 1.0))
+    preconditioned = precondition(residual)
     direction, rz = preconditioned, _inner(residual, preconditioned)
     used, relative = 0, math.inf
     while used < budget and relative > tolerance:
@@ -416,11 +428,11 @@ def _conjugate_gradients(
         step = rz / _inner(direction, product)
         x = x + step * direction
         residual = residual - step * product
-        preconditioned = metric.power(residual, 1.0)
+        preconditioned = precondition(residual)
         rz, previous = _inner(residual, preconditioned), rz
         direction = preconditioned + (rz / previous) * direction
-        relative = math.sqrt(max(rz, 0.0)) / rhs_norm  # ‖r‖_{M⁻¹}: the certificate's norm
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(gradient=f"{relative:.2e}")
+        # ‖r‖_{M⁻¹}, the certificate's norm: rz itself when M preconditions
+        norm = math.sqrt(max(rz, 0.0)) if preconditioner is None else _dual_norm(residual, metric)
+        relative = norm / rhs_norm
+        report(relative)
     return x, used
