@@ -23,7 +23,7 @@ from ..adapters import NECK, STEM, Backbone, backbone_from_spec
 from ..config import MIN_IMAGE_SIZE, Activation, HeadInit, LQFConfig
 from .activations import ActivationMode, count_relu_modules
 from .linearize import NetworkCall, forward_mode_attention, linearized, nonlinear
-from .posterior import Posterior
+from .posterior import Posterior, layer_gradients
 
 
 class _Network(nn.Module):
@@ -241,7 +241,9 @@ class LQFModel(nn.Module):
         with self._activations(check=trunk_output is None):
             z = self._trunk(pixel_values, trunk_output)
         point = self.linearization_point
-        needed = {name: point[name] for name in self.posterior.needs()}
+        layers = self.posterior.layer_names()
+        diagonal = {name: point[name] for name in self.posterior.diagonal_names()}
+        tracked = {name: point[name].detach().requires_grad_() for name in layers}
 
         def outputs(params: dict[str, Tensor], image: Tensor) -> Tensor:  # one image's [K]
             return self.tail_function(image[None])(params)[0]
@@ -250,8 +252,9 @@ class LQFModel(nn.Module):
         parts = []
         for rows in z.split(chunk):
             with torch.enable_grad():
-                jacobians = per_image(needed, rows)  # name -> [chunk, K, *shape]
-            parts.append(self.posterior.covariance(jacobians))
+                gradients = layer_gradients(self.tail_function(rows), tracked, layers)
+                jacobians = per_image(diagonal, rows) if diagonal else {}  # name -> [chunk, K, *shape]
+            parts.append(self.posterior.covariance(gradients, jacobians))
         return torch.cat(parts)
 
     def base_forward(self, pixel_values: Tensor | None = None, *, trunk_output: Tensor | None = None) -> Tensor:

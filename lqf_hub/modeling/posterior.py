@@ -6,7 +6,10 @@ LQF is Bayesian linear regression in δ. With Gaussian noise σ² on each α-sca
 an approximation around a MAP point. For an image x the output is then Gaussian with mean ``f_lin(x)`` and
 covariance ``σ²/N · J(x) (G + λM)⁻¹ J(x)ᵀ`` ``[K, K]`` (the GLM predictive).
 
-``(G + λM)⁻¹`` is applied through K-FAC's eigendecompositions at w0 (``G ≈ ⊕_blocks A ⊗ B``, eigenvalues e):
+``(G + λM)⁻¹`` is applied through K-FAC's eigendecompositions at w0 (``G ≈ ⊕_blocks A ⊗ B``, eigenvalues e).
+A block's per-image Jacobian ``Σ_t g_t a_tᵀ`` (over the layer's locations t) is never formed in the weight's
+coordinates: its factors are rotated, ``Σ_t (Q_Bᵀg_t)(Q_Aᵀa_t)ᵀ``, at ``T(d_out² + d_in²)`` instead of
+``d_out·d_in·(d_out + d_in)`` per output.
 
 * K-FAC prior, ``M = K + γ``:  ``G + λM ≈ (1 + λ)·K + λγ``, eigenvalues ``(1 + λ)e + λγ``;
 * isotropic prior:             ``G + λI ≈ K + λ``,            eigenvalues ``e + λ``;
@@ -18,13 +21,15 @@ of models that did not see those images); N the number of training images.
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from .kfac_state import FACTORS, BlockState, parse_kfac_state
+from .layer_rows import input_rows, layer_call
 
 HEAD_WEIGHT = "head.weight"
 PRIORS = ("kfac", "isotropic", "head")
@@ -62,40 +67,42 @@ class Posterior:
             raise ValueError(f"The posterior's `damping` must be a finite number >= 0, got {self.damping!r}.")
         self._blocks, self._diagonals = self._parts()  # parsed once: every covariance reads them
 
-    def covariance(self, jacobians: Mapping[str, Tensor]) -> Tensor:
-        """``σ²/N · J (G + λM)⁻¹ Jᵀ`` per image, from ``jacobians`` (network name -> ``[B, K, *shape]``, the
-        outputs' derivatives by each linearized tensor at w0): ``[B, K, K]``, in the Jacobians' dtype."""
-        whitened = self._whiten(jacobians)  # [B, K, p]: (G + λM)^-½ Jᵀ in K-FAC's eigenbases
-        return (self.noise_variance / self.count) * whitened @ whitened.transpose(-1, -2)
+    def covariance(self, layers: Mapping[str, "LayerGradients"], jacobians: Mapping[str, Tensor]) -> Tensor:
+        """``σ²/N · J (G + λM)⁻¹ Jᵀ`` per image: ``[B, K, K]``, in the gradients' dtype. ``layers``: each Kronecker
+        block's weight (``layer_names``) -> its ``LayerGradients``; ``jacobians``: network name -> ``[B, K, *shape]``,
+        the outputs' derivatives by each tensor outside the blocks (``diagonal_names``) at w0."""
+        gram = sum(part @ part.transpose(-1, -2) for part in self._whitened(layers, jacobians))
+        return (self.noise_variance / self.count) * gram
 
-    def needs(self) -> list[str]:
-        """The linearized tensors whose Jacobians ``covariance`` reads (the head's alone under the head prior)."""
-        if self.prior == "head":
-            return [n for n in self.names if n.startswith("head.")]
-        return list(self.names)
+    def layer_names(self) -> dict[str, str | None]:
+        """The Kronecker blocks ``covariance`` reads: weight name -> bias name or None (the head's alone under the
+        head prior)."""
+        return {name: block.bias for name, block in self._blocks.items()}
 
-    def _whiten(self, jacobians: Mapping[str, Tensor]) -> Tensor:
-        parts, dtype = [], next(iter(jacobians.values())).dtype  # float32 sums of squares: no cancellation to fear
+    def diagonal_names(self) -> list[str]:
+        """The tensors outside the blocks whose Jacobians ``covariance`` reads (none under the head prior)."""
+        return list(self._diagonals)
+
+    def _whitened(self, layers: Mapping[str, "LayerGradients"], jacobians: Mapping[str, Tensor]) -> Iterator[Tensor]:
+        """``(G + λM)^-½ Jᵀ`` in K-FAC's eigenbases, one ``[B, K, p]`` part per block or diagonal tensor (their
+        Gram matrices add up: no concatenated copy of every part)."""
         for name, block in self._blocks.items():
-            weight = jacobians[name]
-            batch, groups = weight.shape[:2], block.groups
-            matrix = weight.reshape(*batch, groups, weight.shape[2] // groups, -1).to(dtype)
-            if block.bias is not None:
-                bias = jacobians[block.bias].reshape(*batch, groups, -1, 1).to(dtype)
-                matrix = torch.cat([matrix, bias], dim=-1)
-            eig_a, basis_a, eig_b, basis_b = (block.factors[k].to(matrix.device, dtype) for k in FACTORS)
-            rotated = matrix @ basis_a
+            layer = layers[name]
+            dtype = layer.inputs.dtype  # float32 sums of squares: no cancellation to fear
+            eig_a, basis_a, eig_b, basis_b = (block.factors[k].to(layer.inputs.device, dtype) for k in FACTORS)
+            inputs = torch.einsum("btgi,gij->btgj", layer.inputs, basis_a)
+            outputs = layer.outputs.to(dtype)
             if self.prior == "head":  # the head's block of G is exactly E[φ̃φ̃ᵀ] ⊗ I
                 eigenvalues, mean = eig_a.unsqueeze(-2), eig_a.mean()
             else:
-                rotated = basis_b.transpose(-1, -2) @ rotated
+                outputs = torch.einsum("bktgo,gop->bktgp", outputs, basis_b)
                 eigenvalues, mean = eig_b.unsqueeze(-1) * eig_a.unsqueeze(-2), eig_a.mean() * eig_b.mean()
-            parts.append((rotated / self._damped(eigenvalues, mean).sqrt()).flatten(2))
-        if self.prior != "head":
-            for name, diag in self._diagonals.items():
-                values, diag = jacobians[name].flatten(2).to(dtype), diag.to(jacobians[name].device, dtype).flatten()
-                parts.append(values / self._damped(diag, diag.mean()).sqrt())
-        return torch.cat(parts, dim=-1)
+            rotated = torch.einsum("bktgp,btgj->bkgpj", outputs, inputs)  # [B, K, groups, d_out, d_in (+1)]
+            yield rotated.div_(self._damped(eigenvalues, mean).sqrt_()).flatten(2)
+        for name, diag in self._diagonals.items():
+            values = jacobians[name].flatten(2)
+            diag = diag.to(values.device, values.dtype).flatten()
+            yield values / self._damped(diag, diag.mean()).sqrt()
 
     def _damped(self, eigenvalues: Tensor, mean: Tensor) -> Tensor:
         """The eigenvalues of K-FAC's ``G + λM`` from those of its ``G`` (a block's, or a diagonal tensor's, whose
@@ -168,3 +175,57 @@ class Posterior:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"The posterior's metadata is incomplete or invalid: {err}") from None
         return cls(dict(tensors), list(deltas), *scalars).check(deltas)
+
+
+@dataclass
+class LayerGradients:
+    """What a linear or convolutional layer gives each image's Jacobian of its weight, ``Σ_t g_t a_tᵀ``: its input
+    rows ``inputs [B, T, groups, d_in (+1)]`` (a ones column for a bias) and the gradients of each network output at
+    its output ``outputs [B, K, T, groups, d_out]``, over its T locations (or uses, for a shared weight)."""
+
+    inputs: Tensor
+    outputs: Tensor
+
+
+def layer_gradients(call: Callable[[Mapping[str, Tensor]], Tensor], point: Mapping[str, Tensor],
+                    layers: Mapping[str, str | None]) -> dict[str, LayerGradients]:
+    """``LayerGradients`` of the layers whose weights are ``layers`` (weight name -> bias name or None), from
+    ``call(point) -> [B, K]`` (the network as a function of its parameters; ``point`` requiring gradients) and one
+    backward pass per output. Images must not interact (no batch statistics)."""
+    with _LayerRecorder({id(point[name]): name for name in layers}, layers) as recorder:
+        outputs = call(point)
+    if not recorder.calls:
+        return {}
+    layer_outputs = [out for _, _, out, _, _ in recorder.calls]
+    per_output = []
+    for k in range(outputs.shape[1]):
+        grads = torch.autograd.grad(outputs[:, k].sum(), layer_outputs, retain_graph=True, allow_unused=True)
+        per_output.append([torch.zeros_like(out) if g is None else g for g, out in zip(grads, layer_outputs)])
+    found: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    for i, (name, inputs, out, groups, channel_dim) in enumerate(recorder.calls):
+        grads = torch.stack([grads[i] for grads in per_output], dim=1)  # [B, K, *out.shape[1:]]
+        if channel_dim != -1:
+            grads = grads.movedim(channel_dim + 1, -1)
+        grads = grads.reshape(*grads.shape[:2], -1, groups, grads.shape[-1] // groups)
+        found.setdefault(name, []).append((inputs, grads.detach()))
+    return {name: LayerGradients(torch.cat([i for i, _ in uses], dim=1), torch.cat([g for _, g in uses], dim=2))
+            for name, uses in found.items()}
+
+
+class _LayerRecorder(TorchFunctionMode):
+    """Records each ``F.linear`` / ``F.conv2d`` call on a tracked weight: its name, input rows ``[B, T, groups,
+    d_in (+1)]``, output, groups and output channel dimension."""
+
+    def __init__(self, names_by_id: dict[int, str], layers: Mapping[str, str | None]) -> None:
+        super().__init__()
+        self.names_by_id, self.layers = names_by_id, layers
+        self.calls: list[tuple[str, Tensor, Tensor, int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        call = layer_call(func, args, kwargs)
+        name = None if call is None else self.names_by_id.get(id(call["weight"]))
+        if name is not None:
+            rows, groups, channel_dim = input_rows(func, call, self.layers[name] is not None)
+            self.calls.append((name, rows.reshape(call["input"].shape[0], -1, *rows.shape[1:]), out, groups, channel_dim))
+        return out

@@ -35,35 +35,12 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import CurvatureError
 from ..modeling.kfac_state import BlockState, kfac_state, parse_kfac_state
+from ..modeling.layer_rows import input_rows, layer_call, output_rows
 
 NetworkCall = Callable[[Mapping[str, Tensor]], Tensor]
 
 
 # ---------------------------------------------------------------------------------------------- math
-def linear_rows(x: Tensor, with_bias: bool) -> Tensor:
-    """Inputs of ``F.linear`` as rows: ``x [..., d_in] -> [M, 1, d_in (+1)]`` (one group)."""
-    rows = x.reshape(-1, 1, x.shape[-1])
-    return _append_ones(rows) if with_bias else rows
-
-
-def conv_rows(x: Tensor, weight_shape: torch.Size, stride, padding, dilation, groups: int, with_bias: bool) -> Tensor:
-    """Patches of ``F.conv2d`` as rows: ``x [N, C, H, W] -> [N·T, groups, C/groups·kh·kw (+1)]``."""
-    kernel = weight_shape[-2:]
-    if isinstance(padding, str):
-        padding = _numeric_padding(padding, kernel, dilation)
-    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, C·kh·kw, T]
-    n, k, t = patches.shape
-    rows = patches.reshape(n, groups, k // groups, t).permute(0, 3, 1, 2).reshape(n * t, groups, k // groups)
-    return _append_ones(rows) if with_bias else rows
-
-
-def output_rows(grad: Tensor, groups: int, channel_dim: int) -> Tensor:
-    """Output gradients as rows: ``[N, C_out, ...]`` (conv) or ``[..., C_out]`` -> ``[M, groups, C_out/groups]``."""
-    if channel_dim != -1:
-        grad = grad.movedim(channel_dim, -1)
-    return grad.reshape(-1, groups, grad.shape[-1] // groups)
-
-
 def second_moment(rows: Tensor) -> Tensor:
     """``Σ_m r_m r_mᵀ`` per group: ``[M, groups, k] -> [groups, k, k]``."""
     return torch.einsum("mgi,mgj->gij", rows, rows)
@@ -137,20 +114,6 @@ def _require_finite(factor: Tensor, name: str) -> None:
         )
 
 
-def _append_ones(rows: Tensor) -> Tensor:
-    return torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-
-
-def _numeric_padding(padding: str, kernel, dilation) -> tuple[int, int]:
-    if padding == "valid":
-        return (0, 0)
-    dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
-    total = [d * (k - 1) for d, k in zip(dilation, kernel)]
-    if any(t % 2 for t in total):
-        raise ValueError("K-FAC supports padding='same' only for odd effective kernel sizes.")
-    return tuple(t // 2 for t in total)
-
-
 # ------------------------------------------------------------------------------------ layer capture
 @dataclass
 class _Block:
@@ -165,8 +128,6 @@ class _Block:
     eig: dict[str, Tensor] = field(default_factory=dict)
 
 
-_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-_PARAMETERS = {F.linear: ("input", "weight", "bias"), F.conv2d: ("input", "weight", *_CONV_DEFAULTS)}
 _NORM_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
 _NORM_PARAMETERS = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
@@ -188,22 +149,15 @@ class _LayerCapture(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func in _NORM_PARAMETERS:
             self._norm(func, {**_NORM_DEFAULTS, **dict(zip(_NORM_PARAMETERS[func], args)), **kwargs}, out)
-        if func not in _PARAMETERS:
+        call = layer_call(func, args, kwargs)
+        if call is None:
             return out
-        call = {**_CONV_DEFAULTS, **dict(zip(_PARAMETERS[func], args)), **kwargs}
         name = self.names_by_id.get(id(call["weight"]))
         if name is None:
             return out
         bias = call["bias"]
         bias_name = None if bias is None else self.names_by_id.get(id(bias))
-        x = call["input"].detach()
-        if func is F.linear:
-            rows, groups, channel_dim = linear_rows(x, bias_name is not None), 1, -1
-        else:
-            groups, channel_dim = call["groups"], 1
-            rows = conv_rows(
-                x, call["weight"].shape, call["stride"], call["padding"], call["dilation"], groups, bias_name is not None
-            )
+        rows, groups, channel_dim = input_rows(func, call, bias_name is not None)
         block = self.kfac._block(name, bias_name, groups)
         moment = second_moment(rows.to(self.kfac.dtype))
         block.a_sum = moment if block.a_sum is None else block.a_sum + moment
