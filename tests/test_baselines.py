@@ -44,7 +44,8 @@ def _brute_force_laplace(head: nn.Linear, x: torch.Tensor, y: torch.Tensor):
 
 
 def test_laplace_predictive_matches_a_brute_force_laplace_posterior():
-    """laplace-torch's full-GGN posterior of the probe at a fixed prior precision gives the probit predictive
+    """laplace-torch's full-GGN posterior of the probe (on standardised features) at a fixed prior precision gives the
+    probit predictive
     ``softmax(μ / √(1 + π/8·diag Σ))`` with ``Σ = J(GGN + τI)⁻¹Jᵀ``; the marginal-likelihood τ maximises the
     hand-built Laplace evidence ``−½ log det(GGN + τI) + ½P log τ − ½τ‖θ‖²`` (+ terms without τ)."""
     generator = torch.Generator().manual_seed(0)
@@ -52,11 +53,17 @@ def test_laplace_predictive_matches_a_brute_force_laplace_posterior():
     y = (x @ torch.randn(3, 3, generator=generator)).argmax(-1)
     test = torch.randn(7, 3, generator=generator)
     head = linear_probe(x, y, 3, weight_decay=1e-2)
-    jacobian, ggn, theta = _brute_force_laplace(head, x, y)
+    centre, spread = x.double().mean(0), x.double().std(0)  # the posterior lives on standardised features, as the probe
+    standardised = nn.Linear(3, 3, dtype=torch.float64)
+    with torch.no_grad():
+        standardised.weight.copy_(head.weight.double() * spread)
+        standardised.bias.copy_(head.bias.double() + head.weight.double() @ centre)
+    jacobian, ggn, theta = _brute_force_laplace(standardised, (x - centre) / spread, y)
     for tau in (0.5, 4.0):
         ours, precision = laplace_predictive(head, x, y, test, hessian_structure="full", prior_precision=tau)
-        covariance = jacobian(test) @ torch.linalg.solve(ggn + tau * torch.eye(len(theta), dtype=torch.float64),
-                                                         jacobian(test).transpose(1, 2))
+        scaled = (test - centre) / spread
+        covariance = jacobian(scaled) @ torch.linalg.solve(ggn + tau * torch.eye(len(theta), dtype=torch.float64),
+                                                           jacobian(scaled).transpose(1, 2))
         with torch.no_grad():
             mean = head(test).double()
         kappa = 1 / torch.sqrt(1 + math.pi / 8 * covariance.diagonal(dim1=1, dim2=2))

@@ -64,22 +64,30 @@ def laplace_predictive(
     precision maximising the Laplace marginal likelihood (or fixed at ``prior_precision``), and its GLM predictive
     with the probit approximation: probabilities ``[M, K]`` on ``test_features [M, D]`` and the prior precision.
 
-    ``train_features [N, D]``, ``train_labels [N]``: what ``head`` was fitted on. Needs ``pip install lqf-hub[laplace]``.
+    The posterior lives where ``linear_probe`` fitted the head, on the features standardised by the training
+    images' mean and sd: its isotropic prior is then the probe's L2 penalty (on raw features it would weigh the
+    features by their scales). ``train_features [N, D]``, ``train_labels [N]``: what ``head`` was fitted on.
+    Needs ``pip install lqf-hub[laplace]``.
     """
     try:
         from laplace import Laplace
     except ImportError as err:
         raise ImportError("The Laplace baseline needs laplace-torch: pip install 'lqf-hub[laplace]'.") from err
-    model = nn.Sequential(copy.deepcopy(head)).double()  # one layer: its "all" weights are the last layer's
-    laplace = Laplace(model, "classification", subset_of_weights="all", hessian_structure=hessian_structure)
-    loader = DataLoader(TensorDataset(train_features.double(), train_labels), batch_size=256)
-    laplace.fit(loader)
+    x = train_features.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # as linear_probe standardises
+    standardised = nn.Linear(x.shape[1], head.out_features, dtype=torch.float64)
+    with torch.no_grad():  # unfold the standardisation linear_probe folded into the layer
+        standardised.weight.copy_(head.weight.double() * std)
+        standardised.bias.copy_(head.bias.double() + head.weight.double() @ mean)
+    laplace = Laplace(nn.Sequential(standardised), "classification", subset_of_weights="all",
+                      hessian_structure=hessian_structure)
+    laplace.fit(DataLoader(TensorDataset((x - mean) / std, train_labels), batch_size=256))
     if prior_precision is None:
         laplace.optimize_prior_precision(method="marglik")
     else:
         laplace.prior_precision = prior_precision
     with torch.no_grad():
-        probabilities = laplace(test_features.double(), pred_type="glm", link_approx="probit")
+        probabilities = laplace((test_features.double() - mean) / std, pred_type="glm", link_approx="probit")
     return probabilities, float(laplace.prior_precision)
 
 

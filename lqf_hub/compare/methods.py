@@ -17,8 +17,9 @@ class Method:
 METHODS = {
     "fine-tuning": Method("ft", "every weight, cross-entropy, SGD + cosine (timm recipe); lr, augmentation on validation"),
     "linear-probe": Method("probe", "logistic regression on the frozen pre-logits; weight decay on validation"),
-    "laplace": Method("laplace", "the linear probe's MAP with laplace-torch's Kronecker Laplace posterior, its prior "
-                      "precision by marginal likelihood; probit predictive"),
+    "laplace": Method("laplace", "the linear probe's MAP with laplace-torch's Kronecker Laplace posterior (on the "
+                      "standardised features the probe was fitted on), its prior precision by marginal likelihood; "
+                      "probit predictive"),
     "lqf": Method("solve", "LQF defaults: the certified optimum, the prior and λ by the solver's 5-fold cross-validation"),
     # its held-out loss still fell at the default grid's λ = 0.1 with the K-FAC prior (a 50-shot Fashion-MNIST
     # draw), and with the isotropic one the rule took the top of 10 … 0.001 on all 9 cpu-preset draws: the
