@@ -21,7 +21,10 @@ from lqf_hub.modeling.kfac_state import FACTORS
 
 
 def dense_covariance(model: LQFModel, z: torch.Tensor) -> torch.Tensor:
-    """``σ²/N · J (G + λM)⁻¹ Jᵀ`` from dense per-image Jacobians rotated in the weights' coordinates: ``[B, K, K]``."""
+    """``σ²/N · J (G + λM)⁻¹ Jᵀ`` from dense per-image Jacobians rotated in the weights' coordinates: ``[B, K, K]``.
+
+    The library's previous code path, kept here as the reference: it reads the posterior's parsed K-FAC state and
+    damping rule (``_blocks``, ``_diagonals``, ``_damped``) so that only the rotation differs."""
     posterior, point = model.posterior, model.linearization_point
     layers, diagonal = posterior.layer_names(), posterior.diagonal_names()
     names = [*layers, *[b for b in layers.values() if b], *diagonal]
