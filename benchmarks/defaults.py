@@ -20,11 +20,11 @@ EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in one 
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
         --seeds 0 --out benchmarks/results/defaults/test-100shots.jsonl
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
-        --seeds 1 2 --out benchmarks/results/defaults/test-100shots.jsonl   # stopped after seed 1's first 3 tasks
+        --seeds 1 2 --out benchmarks/results/defaults/test-100shots.jsonl   # stopped after seed 1 (two sessions)
     python benchmarks/defaults.py test-summary benchmarks/results/defaults/test*.jsonl \
         --report benchmarks/results/defaults/test.md
     python benchmarks/defaults.py lpft --tasks fashion-mnist mnist-5k digits fashion-upper \
-        --out benchmarks/results/defaults/lpft.jsonl
+        --out benchmarks/results/defaults/lpft.jsonl   # stopped after seed 0's first 2 tasks
     python benchmarks/defaults.py lpft-summary benchmarks/results/defaults/lpft.jsonl \
         --report benchmarks/results/defaults/lpft.md
 
