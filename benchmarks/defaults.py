@@ -62,7 +62,7 @@ from lqf_hub.data import class_names, label_array, load_image_dataset, sample_sh
 from lqf_hub.solver.selection import SELECTION_TOLERANCE, PathPoint, choose, select, stratified_folds
 from lqf_hub.solver.solve import HeadPath, KrylovPath
 from lqf_hub.training.cache import TrunkCache
-from lqf_hub.training.objective import Objective
+from lqf_hub.training.objective import Objective, trunk_outputs
 
 DEFAULT_IMAGE_SIZE = 128
 CONFIG_KEYS = {"linearize", "activation", "target_scale", "head_init"}
@@ -201,9 +201,8 @@ def lpft_draw(task: str, model_name: str, shots: int, seed: int) -> dict:
     train = draw_training_images(task, shots, seed)
     model = build(model_name, "linearize=last:1", len(class_names(train)))
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out:
-        args = LQFTrainingArguments(output_dir=out, seed=seed, progress=False)
-        cache = LQFTrainer(model, with_transform(train, model.data_config), None, args).inputs("train")
+    args = LQFTrainingArguments(output_dir=".", seed=seed, progress=False)  # nothing is written
+    cache = trunk_outputs(model, with_transform(train, model.data_config))
     ridges = sorted(args.ridge_grid, reverse=True)
     assignment = stratified_folds(cache.labels, cache.digests, args.validation_folds, seed)
     random_head = {n: t.detach().clone() for n, t in model.net.head.state_dict().items()}
