@@ -23,8 +23,8 @@ EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in one 
         --seeds 1 2 --out benchmarks/results/defaults/test-100shots.jsonl   # stopped after seed 1 (two sessions)
     python benchmarks/defaults.py test-summary benchmarks/results/defaults/test*.jsonl \
         --report benchmarks/results/defaults/test.md
-    python benchmarks/defaults.py lpft --tasks fashion-mnist mnist-5k digits fashion-upper \
-        --out benchmarks/results/defaults/lpft.jsonl   # stopped after seed 0's first 2 tasks
+    python benchmarks/defaults.py lpft --tasks fashion-mnist mnist-5k digits fashion-upper --seeds 0 \
+        --out benchmarks/results/defaults/lpft.jsonl
     python benchmarks/defaults.py lpft-summary benchmarks/results/defaults/lpft.jsonl \
         --report benchmarks/results/defaults/lpft.md
 
