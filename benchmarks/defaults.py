@@ -6,7 +6,7 @@ and every variant (settings of ``LQFConfig``, the image size) is scored by the s
 (K-FAC, isotropic and LQF-head), λ by the one-standard-error rule. ``run`` never reads a test image.
 ``test`` evaluates the chosen defaults once per draw on the task's test split, beside LQF-head and a linear
 probe (the report, not a choice). The commands of the committed results (``benchmarks/results/defaults/``;
-EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in one session, 2026-12-07):
+EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in three sessions, 2026-12-07):
 
     python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks fashion-mnist --shots 100 --seeds 0 \
         --variants linearize=last:1 linearize=last:2 --out benchmarks/results/defaults/validation.jsonl
@@ -20,7 +20,7 @@ EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in one 
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
         --seeds 0 --out benchmarks/results/defaults/test-100shots.jsonl
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
-        --seeds 1 2 --out benchmarks/results/defaults/test-100shots.jsonl   # stopped after seed 1 (two sessions)
+        --seeds 1 2 --out benchmarks/results/defaults/test-100shots.jsonl   # over three sessions
     python benchmarks/defaults.py test-summary benchmarks/results/defaults/test*.jsonl \
         --report benchmarks/results/defaults/test.md
     python benchmarks/defaults.py lpft --tasks fashion-mnist mnist-5k digits fashion-upper --seeds 0 \
