@@ -50,6 +50,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import datasets
@@ -154,22 +155,27 @@ def score(task: str, model_name: str, shots: int, seed: int, variant: str) -> di
             "paths": {kind: [vars(p) for p in points] for kind, points in selection.paths.items()}}
 
 
-def run(args) -> None:
+def fill(out: Path, draws: list[dict], make: Callable[[dict], dict], hidden: Iterable[str] = ()) -> None:
+    """Append ``make(draw)`` to the JSON lines ``out`` for every draw (row fields -> values) it does not hold yet,
+    in order, so that a stopped run resumes; each new row is printed without its ``hidden`` fields."""
     done = set()
-    if args.out.exists():
-        done = {(r["task"], r["model"], r["shots"], r["seed"], r["variant"]) for r in map(json.loads, args.out.open())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for shots in args.shots:  # cheapest first: every task and backbone gets its few-shot rows early
-        for model_name in args.models:
-            for seed in args.seeds:
-                for task in args.tasks:
-                    for variant in args.variants:
-                        if (task, model_name, shots, seed, variant) in done:
-                            continue
-                        row = score(task, model_name, shots, seed, variant)
-                        print(json.dumps({k: v for k, v in row.items() if k != "paths"}), flush=True)
-                        with args.out.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+    if out.exists() and draws:
+        done = {tuple(row[k] for k in draws[0]) for row in map(json.loads, out.open())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for draw in draws:
+        if tuple(draw.values()) in done:
+            continue
+        row = make(draw)
+        print(json.dumps({k: v for k, v in row.items() if k not in hidden}), flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run(args) -> None:
+    draws = [{"task": task, "model": model_name, "shots": shots, "seed": seed, "variant": variant}
+             for shots in args.shots  # cheapest first: every task and backbone gets its few-shot rows early
+             for model_name in args.models for seed in args.seeds for task in args.tasks for variant in args.variants]
+    fill(args.out, draws, lambda d: score(d["task"], d["model"], d["shots"], d["seed"], d["variant"]), {"paths"})
 
 
 # ---------------------------------------------------------------------------------- LP-FT, honestly
@@ -241,19 +247,9 @@ def lpft_draw(task: str, model_name: str, shots: int, seed: int) -> dict:
 
 
 def lpft(args) -> None:
-    done = set()
-    if args.out.exists():
-        done = {(r["task"], r["model"], r["shots"], r["seed"]) for r in map(json.loads, args.out.open())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for seed in args.seeds:
-        for task in args.tasks:
-            for model_name in args.models:
-                if (task, model_name, args.shots, seed) in done:
-                    continue
-                row = lpft_draw(task, model_name, args.shots, seed)
-                print(json.dumps({k: v for k, v in row.items() if k not in LPFT_VARIANTS}), flush=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+    draws = [{"task": task, "model": model_name, "shots": args.shots, "seed": seed}
+             for seed in args.seeds for task in args.tasks for model_name in args.models]
+    fill(args.out, draws, lambda d: lpft_draw(d["task"], d["model"], d["shots"], d["seed"]), LPFT_VARIANTS)
 
 
 def lpft_summary(args) -> None:
@@ -343,19 +339,10 @@ def probe(train: tuple, test: tuple, classes: int, seed: int) -> dict:
 
 
 def test(args) -> None:
-    done = set()
-    if args.out.exists():
-        done = {(r["task"], r["model"], r["shots"], r["seed"]) for r in map(json.loads, args.out.open())}
-    for shots in args.shots:
-        for model_name in args.models:
-            for seed in args.seeds:
-                for task in args.tasks:
-                    if (task, model_name, shots, seed) in done:
-                        continue
-                    row = evaluate_draw(task, model_name, shots, seed, args.variant, args.per_class)
-                    print(json.dumps(row), flush=True)
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+    draws = [{"task": task, "model": model_name, "shots": shots, "seed": seed}
+             for shots in args.shots for model_name in args.models for seed in args.seeds for task in args.tasks]
+    fill(args.out, draws, lambda d: evaluate_draw(d["task"], d["model"], d["shots"], d["seed"], args.variant,
+                                                  args.per_class))
 
 
 # --------------------------------------------------------------------------------------- report
