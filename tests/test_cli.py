@@ -318,10 +318,14 @@ def test_predict_prints_calibrated_probabilities_and_each_outputs_posterior_std(
 
 
 def test_explain_splits_a_prediction_over_the_rebuilt_training_images(trained, capsys, tmp_path):
-    image = tmp_path / "digit.png"
-    Image.fromarray(np.asarray(load_image_dataset("mnist-5k", "test")[7]["image"], dtype=np.uint8)).save(image)
-    code, out, err = run(capsys, "explain", "--model", str(trained / "model"), str(image), "--top-k", "3",
-                         "--output-dir", str(tmp_path / "why"))
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    Image.fromarray(np.asarray(load_image_dataset("mnist-5k", "test")[7]["image"], dtype=np.uint8)).save(
+        queries / "digit.png")
+    (queries / "notes.txt").write_text("not an image")  # a folder's stray file is skipped, with a warning
+    with pytest.warns(UserWarning, match=r"cannot read .*notes\.txt.*; skipped"):
+        code, out, err = run(capsys, "explain", "--model", str(trained / "model"), str(queries), "--top-k", "3",
+                             "--output-dir", str(tmp_path / "why"))
     assert code == 0, err
     [row] = json.loads((tmp_path / "why" / "explanations.json").read_text())
     model = LQFModel.from_pretrained(trained / "model")
@@ -340,6 +344,15 @@ def test_explain_splits_a_prediction_over_the_rebuilt_training_images(trained, c
     assert all(names[train[r["train_index"]]["label"]] == r["label"] for r in row["supporting"] + row["opposing"])
     assert (tmp_path / "why" / "digit.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_explain_refuses_unreadable_images_before_any_pass_over_the_training_images(trained, capsys, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    code, _, err = run(capsys, "explain", "--model", str(trained / "model"), str(notes),
+                       "--output-dir", str(tmp_path / "why"))
+    assert code == 2 and "None of the images can be read" in err and "notes.txt" in err
+    assert not (tmp_path / "why").exists()  # nothing computed, nothing kept
 
 
 def test_explain_without_the_training_images_uses_their_kept_trunk_outputs(trained, capsys, tmp_path, monkeypatch):

@@ -145,6 +145,17 @@ def image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def read_rgb(path: Path):
+    """The image file ``path`` as an RGB ``PIL.Image``, or ``CLIError`` saying why it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise CLIError(f"cannot read {path}: {err}") from err
+
+
 def print_table(record: dict[str, Any]) -> None:
     width = max(len(k) for k in record)
     for key, value in record.items():

@@ -2,10 +2,11 @@
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .common import CLIError, checkpoint_source, image_files, model_arguments
+from .common import CLIError, checkpoint_source, image_files, model_arguments, read_rgb
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -34,9 +35,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.images and not args.training_set:
         raise CLIError("Nothing to explain: name image files or folders, or pass --training-set.")
+    pictures = _read_images(image_files(args.images), args.training_set)  # before the training set's passes
     model = LQFModel.from_pretrained(checkpoint_source(args.model, args.revision, args.token) or args.model,
                                      revision=args.revision, token=args.token)
-    files = image_files(args.images)
     output = Path(args.output_dir)
     raw, trunk = training_trunk(model, output, progress=True)  # kept there: explains without the images later
     explainer = Explainer.from_model(model, trunk)
@@ -44,11 +45,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.projections, progress=True, cache_dir=output)  # once per model: kept in the output directory
     result = {"training_images": explainer.data.count, "ridge": model.config.ridge,
               "kernel": _kernel_name(features)}
-    if files:
-        result.update(_explain_images(model, explainer, features, raw, files, args.top_k, output))
+    if pictures:
+        result.update(_explain_images(model, explainer, features, raw, pictures, args.top_k, output))
     if args.training_set:
         result.update(_explain_training_set(explainer, features, raw, max(args.top_k, 16), output))
     return result
+
+
+def _read_images(files: list[Path], training_set: bool) -> list[tuple[Path, Any]]:
+    """The named images as ``(path, RGB PIL image)``; an unreadable one is skipped with a warning, unless none can
+    be read and there is nothing else to do (``training_set`` False): then ``CLIError``, before any pass."""
+    pictures, unreadable = [], []
+    for path in files:
+        try:
+            pictures.append((path, read_rgb(path)))
+        except CLIError as err:
+            unreadable.append(str(err))
+    if unreadable and not pictures and not training_set:
+        raise CLIError(f"None of the images can be read ({'; '.join(unreadable[:3])}"
+                       f"{'; …' if len(unreadable) > 3 else ''}): name image files, or folders of them.")
+    for message in unreadable:
+        warnings.warn(f"{message}; skipped.", stacklevel=2)
+    return pictures
 
 
 def _picture(raw, index: int):
@@ -62,19 +80,16 @@ def _kernel_name(features) -> str:
     return "exact" if features is None else f"{features.train.shape[-1]} random projections (seed {features.seed})"
 
 
-def _explain_images(model, explainer, features, raw, files: list[Path], top_k: int, output: Path) -> dict[str, Any]:
+def _explain_images(model, explainer, features, raw, pictures: list[tuple[Path, Any]], top_k: int,
+                    output: Path) -> dict[str, Any]:
     """Each image's prediction split over the training images: explanations.json and one PNG per image."""
-    from PIL import Image
-
     from ..analysis.explain import plot_explanation
     from ..data import image_transform
     from ..files import atomic_write_text
 
     transform = image_transform(model.data_config)
     rows = []
-    for path in files:
-        with Image.open(path) as image:
-            picture = image.convert("RGB")
+    for path, picture in pictures:
         explanation = explainer.explain(model.encode_trunk(transform(picture).unsqueeze(0)), features=features,
                                         only_predicted=True)  # what the JSON and PNG show: one pass, not C
         row = {"image": str(path), "kernel": _kernel_name(features),

@@ -3,7 +3,7 @@
 import argparse
 from typing import Any
 
-from .common import checkpoint_source, image_files, model_arguments, model_from_name
+from .common import CLIError, checkpoint_source, image_files, model_arguments, model_from_name, read_rgb
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -16,8 +16,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
-    from PIL import Image, UnidentifiedImageError
-
     from ..config import LQFConfig
     from ..data import image_transform
     from ..modeling.model import LQFModel
@@ -31,10 +29,9 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
     rows, errors = [], []
     for path in image_files(args.images):
         try:
-            with Image.open(path) as image:
-                pixels = transform(image.convert("RGB")).unsqueeze(0)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            errors.append(f"cannot read {path}: {err}")
+            pixels = transform(read_rgb(path)).unsqueeze(0)
+        except CLIError as err:
+            errors.append(str(err))
             continue
         probs = model.predict_proba(pixels)[0]  # softmax(f / T), T fitted on the solver's out-of-fold predictions
         std = model.predict_uncertainty(pixels)[0] if model.posterior is not None else None
