@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,27 @@ def test_labels_outside_num_classes(tmp_path):
     data = toy_images(6, 7) + [{"pixel_values": torch.zeros(3, 32, 32), "label": 5}]
     with pytest.raises(ValueError, match="label 5, outside 0..2; the model has num_classes=3"):
         train(toy_model(), data, tmp_path)
+
+
+def test_one_image_per_class_cannot_choose_the_prior_or_lambda_but_can_be_solved_at_fixed_ones(tmp_path):
+    one_each, evaluation = toy_images(NUM_CLASSES, 7), toy_images(6, 8)
+    trainer = LQFTrainer(toy_model(), one_each, evaluation, LQFTrainingArguments(
+        output_dir=str(tmp_path / "auto"), method="solve", progress=False))
+    with pytest.raises(ValueError, match="Every class has one training image.*--prior isotropic --ridge-grid 300"):
+        trainer.train()
+    assert "eval" not in trainer._inputs  # refused before the evaluation images' trunk outputs
+    fixed = train(toy_model(), one_each, tmp_path, "fixed", method="solve", prior="isotropic", ridge_grid=[300.0])
+    assert fixed[-1]["ridge"] == 300.0 and fixed[-1]["relative_gradient_norm"] <= 1e-4
+
+
+def test_a_class_with_one_image_is_warned_about():
+    from lqf_hub.solver.selection import check_classes
+
+    with pytest.warns(UserWarning, match="1 class has one training image"):
+        check_classes(torch.tensor([0, 0, 1, 2, 2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_classes(torch.tensor([0, 0, 1, 1, 2, 2]))
 
 
 def test_mismatched_image_sizes(tmp_path):

@@ -36,6 +36,7 @@ backbone and dataset (λ = 1: the prior weighs as much as the data).
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,6 +103,25 @@ class Selection:
         return {"prior": self.prior, "ridge": self.ridge, "iterations": self.iterations, "products": self.products,
                 "dropped": self.dropped, "passes": self.passes, "scheme": self.scheme,
                 "paths": {kind: [asdict(p) for p in points] for kind, points in self.paths.items()}}
+
+
+def check_classes(labels: Tensor) -> None:
+    """Refuse labels ``[N]`` on which cross-validation can score nothing, warn where it scores some images blind.
+
+    A class with one training image is missing from the fit of the fold that holds that image out: the image is
+    scored by a model that never saw its class, which pulls the choice towards the largest λ. With every class so
+    (one image per class) nothing can be scored, and the prior and λ must be fixed instead."""
+    counts = torch.bincount(labels)
+    single = int((counts == 1).sum())
+    if single and not bool((counts >= 2).any()):
+        raise ValueError("Every class has one training image: cross-validation would score each by a model that never "
+                         "saw its class, so it cannot choose the prior or λ. Fix them (prior='isotropic' and one value in "
+                         "`ridge_grid`; CLI: --prior isotropic --ridge-grid 300, what it chose at 2 images per class) "
+                         "or give every class at least 2 images.")
+    if single:
+        warnings.warn(f"{single} class{'es have' if single > 1 else ' has'} one training image: cross-validation "
+                      "scores it by a model that never saw its class, which pulls λ up. Give every class at least 2 "
+                      "images, or fix the prior and λ.", stacklevel=3)
 
 
 def choose(paths: dict[str, list[PathPoint]], tied: Iterable[str] = ()) -> tuple[str, float]:

@@ -29,7 +29,7 @@ from ..modeling.calibration import fit_temperature, plot_reliability
 from ..modeling.model import LQFModel
 from ..modeling.posterior import Posterior, noise_variance
 from ..solver.kfac import KFAC
-from ..solver.selection import Selection, plot_path, select
+from ..solver.selection import Selection, check_classes, plot_path, select
 from ..solver.solve import DataTerm, HeadPath, PriorMetric, solve
 from .arguments import LQFTrainingArguments, Method, Prior
 from .cache import TrunkCache, cache_trunk_outputs, dataset_fingerprint
@@ -107,6 +107,8 @@ class LQFTrainer:
                 f"Checkpoint {args.resume_from} was trained on another training set (other images, labels or "
                 "preprocessing); resume with the same data or start a new run in another --output-dir."
             )
+        if args.method == Method.SOLVE.value and self._selects() and (resumed is None or resumed.selection is None):
+            check_classes(train_data.labels)  # before the evaluation images are cached
         eval_data = None if self.eval_dataset is None else self.inputs("eval")
         self.stage_seconds = {"caching": time.perf_counter() - started}
         if resumed is not None:
@@ -129,7 +131,7 @@ class LQFTrainer:
         self._stage("objective", started)  # the data term's right-hand side and K-FAC: one pass each
         selection = resumed.selection if resumed is not None else None
         if selection is None:
-            if len(metrics) == 1 and len(args.ridge_grid) == 1:
+            if not self._selects():
                 selection = {"prior": args.prior, "ridge": args.ridge_grid[0], "iterations": 0, "paths": {}}
                 warm = None
             else:
@@ -218,7 +220,13 @@ class LQFTrainer:
         """Only the choice of the prior and λ: the regularisation paths over ``ridge_grid``, scored by
         cross-validation over the training images (no refit, nothing written). For studies of settings on
         validation data."""
-        return self._select(self.inputs("train"), list(self.priors().values()))
+        train_data = self.inputs("train")
+        check_classes(train_data.labels)
+        return self._select(train_data, list(self.priors().values()))
+
+    def _selects(self) -> bool:
+        """Whether training chooses the prior or λ (else both are fixed: one prior, one λ)."""
+        return self.args.prior == Prior.AUTO.value or len(self.args.ridge_grid) > 1
 
     def objective(self) -> tuple[DataTerm, PriorMetric]:
         """The data term over all training images and the prior's metric: the objective 'solve' minimises (at
