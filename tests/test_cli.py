@@ -20,7 +20,7 @@ from lqf_hub import LQFModel
 from lqf_hub.adapters.efficientnet_lite import embedded_checkpoint, load_legacy_checkpoint
 from lqf_hub.cli import main
 from lqf_hub.compare.baselines import accuracy
-from lqf_hub.data import load_image_dataset, sample_shots, with_transform
+from lqf_hub.data import class_names, load_image_dataset, sample_shots, with_transform
 
 PHOTOS = Path(__import__("skimage").__file__).parent / "data"
 
@@ -49,6 +49,15 @@ def test_eval_matches_the_model_run_directly(trained, capsys, tmp_path):
     model = LQFModel.from_pretrained(trained / "model")
     test = with_transform(load_image_dataset("mnist-5k", "test"), model.data_config)
     assert code == 0 and result["samples"] == 1000 and result["accuracy"] == accuracy(model, test)
+
+
+def test_eval_refuses_a_dataset_whose_classes_are_not_the_models(trained, capsys, tmp_path):
+    model = LQFModel.from_pretrained(trained / "model")
+    fashion = class_names(load_image_dataset("fashion-mnist", "test"))
+    model.config.id2label = dict(enumerate(fashion))  # the same model, as if it had been trained on Fashion-MNIST
+    model.save_pretrained(tmp_path / "fashion-model")
+    code, _, err = run(capsys, "eval", "--model", str(tmp_path / "fashion-model"), "--dataset", "mnist-5k")
+    assert code == 2 and "mnist-5k's classes (0, 1, 2, 3, …) are not the model's (T-shirt/top, Trouser," in err
 
 
 def test_predict_bundled_photos_with_the_imagenet_model(capsys, tmp_path):
