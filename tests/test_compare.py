@@ -157,7 +157,7 @@ def test_summary_relative_error_paired_difference_and_targets():
     lines = "\n".join(targets(table))
     assert "100 shots met (+4%" in lines  # within 5% relative
     assert "5 shots met (-12%; paired difference -3.0 ± 0.6 points (n=3))" in lines  # 5 standard errors: not noise
-    assert "100 shots met (+4%; paired difference +0.4 ± nan points (n=1); within noise)" in lines
+    assert "100 shots met (+4%; paired difference +0.4 points on one seed: its noise is not known)" in lines
     assert "lqf-relu costs accuracy: **missed** (worse than LQF at 1 of 2" in lines
 
 

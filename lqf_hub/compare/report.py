@@ -76,7 +76,9 @@ def targets(table: dict) -> list[str]:
         found = paired_difference(table, method, other, s)
         if found is None:
             return ""
-        noise = "; within noise" if not abs(found[0]) > 2 * found[1] else ""  # NaN (one seed) counts as noise
+        if found[2] == 1:
+            return f"; paired difference {100 * found[0]:+.1f} points on one seed: its noise is not known"
+        noise = "; within noise" if not abs(found[0]) > 2 * found[1] else ""
         return f"; paired difference {100 * found[0]:+.1f} ± {100 * found[1]:.1f} points (n={found[2]}){noise}"
 
     if "lqf" in table and BASELINE in table:
