@@ -6,13 +6,17 @@ and every variant (settings of ``LQFConfig``, the image size) is scored by the s
 (K-FAC, isotropic and LQF-head), λ by the one-standard-error rule. ``run`` never reads a test image.
 ``test`` evaluates the chosen defaults once per draw on the task's test split, beside LQF-head and a linear
 probe (the report, not a choice). The commands of the committed results (``benchmarks/results/defaults/``;
-EfficientNet-Lite0 only, and the variants on one seed: what 2 cores gave in three sessions, 2026-12-07):
+the test phase on EfficientNet-Lite0 only, the variants on one seed and Lite1 at 100 shots only: what 2 cores
+gave in four sessions, 2026-12-07):
 
     python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks fashion-mnist --shots 100 --seeds 0 \
         --variants linearize=last:1 linearize=last:2 --out benchmarks/results/defaults/validation.jsonl
     python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks mnist-5k digits fashion-upper \
         --shots 100 --seeds 0 --variants linearize=last:1 linearize=last:2 \
         --out benchmarks/results/defaults/validation.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py run --models tf_efficientnet_lite1 --tasks fashion-mnist mnist-5k \
+        fashion-upper digits --shots 100 --seeds 0 --variants linearize=last:1 linearize=last:2 \
+        --out benchmarks/results/defaults/validation.jsonl   # 2026-12-07, one thread beside other runs
     python benchmarks/defaults.py summary benchmarks/results/defaults/validation.jsonl \
         --report benchmarks/results/defaults/validation.md
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 5 20 \
@@ -399,18 +403,25 @@ def summary(args) -> None:
             if not diffs:
                 row.append("")
                 continue
-            error = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            if len(diffs) == 1:
+                row.append(f"{diffs[0]:+.2f} (one draw)")
+                continue
+            error = statistics.stdev(diffs) / math.sqrt(len(diffs))
             row.append(f"{statistics.mean(diffs):+.2f} ± {error:.2f} (n={len(diffs)})")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Cost", "", "| variant | shots | path products (mean) | selection s (mean) | caching s (mean) |",
-              "|---|---:|---:|---:|---:|"]
-    for variant in variants:
-        for shots in sorted({r["shots"] for r in rows}):
-            runs = [r for r in rows if r["variant"] == variant and r["shots"] == shots]
-            if runs:
-                products = statistics.mean(sum(r["products"].values()) for r in runs)
-                lines.append(f"| {variant} | {shots} | {products:.0f} | {statistics.mean(r['select_seconds'] for r in runs):.0f} | "
-                             f"{statistics.mean(r['cache_seconds'] for r in runs):.0f} |")
+    lines += ["", "## Cost", "", "Mean over the tasks and seeds of each backbone (the runs shared the cores with other "
+              "work: seconds compare within a session at best).", "",
+              "| backbone | variant | shots | path products (mean) | selection s (mean) | caching s (mean) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for model in sorted({r["model"] for r in rows}):
+        for variant in variants:
+            for shots in sorted({r["shots"] for r in rows}):
+                runs = [r for r in rows if r["model"] == model and r["variant"] == variant and r["shots"] == shots]
+                if runs:
+                    products = statistics.mean(sum(r["products"].values()) for r in runs)
+                    lines.append(f"| {model.removeprefix('tf_efficientnet_')} | {variant} | {shots} | {products:.0f} | "
+                                 f"{statistics.mean(r['select_seconds'] for r in runs):.0f} | "
+                                 f"{statistics.mean(r['cache_seconds'] for r in runs):.0f} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.report:
