@@ -443,9 +443,13 @@ def test_card_names_the_timm_hub_repo_the_weights_came_from(fake_hub, tmp_path):
 
 def test_a_checkpoint_written_before_the_subpackages_still_loads_and_predicts_the_same():
     """tests/data/checkpoint_before_subpackages was saved by the flat layout (commit 4067050), with its logits on a
-    seeded input: the module moves change nothing on disk."""
+    seeded input: the module moves change nothing on disk. The logits were computed on another machine: CPUs with
+    other vector units round float32 sums differently (1.8e-8 apart on an AVX-512 EPYC), so they are compared to
+    float32 rounding, not bit for bit (the round trips on one machine are: test_hub's bit-exact tests)."""
     data = Path(__file__).parent / "data"
     model = LQFModel.from_pretrained(data / "checkpoint_before_subpackages")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
-        assert torch.equal(model(x), load_file(data / "checkpoint_before_subpackages_logits.safetensors")["logits"])
+        logits = model(x)
+    reference = load_file(data / "checkpoint_before_subpackages_logits.safetensors")["logits"]
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-6)
