@@ -30,7 +30,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     data_arguments(train)
     train.add_argument("--train-split", default="train", help="Split to train on. Default: train.")
     train.add_argument("--shots", type=int, default=100,
-                       help="Training images per class, drawn with --seed (0: all). Default: 100.")
+                       help="Training images per class, drawn with --seed (0: all; 1 needs a fixed --prior and "
+                            "--ridge-grid value: nothing is left to cross-validate on). Default: 100.")
     train.add_argument("--eval-split", default="test",
                        help="Split to evaluate on; if the dataset has none, --val-fraction of the training split. Default: test.")
     train.add_argument("--val-fraction", type=float, default=0.2,
