@@ -171,13 +171,13 @@ def main() -> None:
             rows.append((f"Galerkin start on {k} Ritz vectors", lanczos.iterations + 1,
                          *certified(without, metric, ridge, start)))
             residuals = np.abs(lanczos.betas[-1] * vectors[-1])  # ‖A y − θ y‖ of each Ritz pair
-            spectral[k] = spectral_preconditioner(metric, ritz, basis, residuals, ridge)
-            preconditioner, deflated = spectral[k]
+            preconditioner, deflated = spectral_preconditioner(metric, ritz, basis, residuals, ridge)
+            spectral[k] = (preconditioner, deflated, lanczos.iterations)
             rows.append((f"preconditioned by M and the {deflated} converged of {k} Ritz pairs", lanczos.iterations,
                          *certified(without, metric, ridge, delta, preconditioner)))
         refits = [("preconditioned by M", 0, *certified(data, metric, ridge, None))]
-        for k, (preconditioner, deflated) in spectral.items():
-            refits.append((f"preconditioned by M and the {deflated} converged of {k} Ritz pairs", k,
+        for k, (preconditioner, deflated, built) in spectral.items():
+            refits.append((f"preconditioned by M and the {deflated} converged of {k} Ritz pairs", built,
                            *certified(data, metric, ridge, None, preconditioner)))
         for exact, text in ((True, "every output"), (False, "one Gaussian output vector per image")):
             diagonal = corrected_diagonal(model, without, metric.kfac, exact)
