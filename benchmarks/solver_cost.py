@@ -13,6 +13,12 @@ Sections (``--sections``, all by default), each on the default job's 1000 Fashio
 * ``shared``: one subspace shared by every fold (grown from the worst fold's residual, K-FAC preconditioned,
   until every fold's own relative residual is below the selection tolerance) and the held-out scores it
   gives — against the honest folds' (a check that sharing products between folds leaks the held-out labels).
+* ``settle``: how each fold's held-out losses settle along its Lanczos path — for every iteration k, every λ's
+  held-out loss from the first k basis vectors (``J_held M^-½ q_j`` once per vector) — against a path run to a
+  third of the selection's tolerance: whether a path could stop earlier, or be dropped by the race before it
+  converges, without changing what it scores.
+* ``trunk``: images per second of the frozen trunk (the caching stage) on the default job's first 256 training
+  images, its input in the default (NCHW) memory layout and channels-last (what ``LQFModel.encode_trunk`` does).
 * ``product``: images per second of a product with G over the cached trunk outputs, by batch size and memory
   layout, and whether ``torch.compile`` takes it.
 """
@@ -22,6 +28,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +37,7 @@ from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 from lqf_hub.solver.curvature import gauss_newton_batch
 from lqf_hub.solver.kfac import KFAC
 from lqf_hub.solver.selection import SELECTION_TOLERANCE, select, stratified_folds
-from lqf_hub.solver.solve import solve
+from lqf_hub.solver.solve import KrylovPath, solve
 from lqf_hub.training.cache import TrunkCache
 
 MODEL, IMAGE_SIZE, SHOTS = "tf_efficientnet_lite0", 128, 100
@@ -204,6 +211,81 @@ def _scores(parts, outputs, solutions, ridges, model) -> dict[float, tuple[float
     return results
 
 
+def settle_section(trainer: LQFTrainer, cache: TrunkCache, limit: int = 60) -> list[str]:
+    """Fold 1 with the K-FAC and isotropic priors, folds 2–5 with the K-FAC prior: held-out loss per λ at every
+    iteration of a path run to ``SELECTION_TOLERANCE / 3``."""
+    args, metrics = trainer.args, trainer.priors("auto")
+    ridges = sorted(args.ridge_grid, reverse=True)
+    assignment = stratified_folds(cache.labels, cache.digests, args.validation_folds, args.seed)
+    reference = SELECTION_TOLERANCE / 3
+    rows, race = [], {}
+    for fold in range(args.validation_folds):
+        fit = trainer.data_term((assignment != fold).nonzero().flatten())
+        held = trainer.data_term((assignment == fold).nonzero().flatten())
+        for kind in ("kfac", "isotropic") if fold == 0 else ("kfac",):
+            metric = metrics[kind]
+            path = KrylovPath(fit, metric, ridges, tolerance=reference, max_iterations=limit)
+            columns = [held.outputs(metric.power(q.to(held.f0.device), 0.5)) - held.f0 for q in path.basis]
+            tridiagonal = path.tridiagonal()
+            losses, residuals = [], []  # [k][λ]
+            for k in range(1, path.iterations + 1):
+                start = np.zeros(k)
+                start[0] = path.beta0
+                solutions = [np.linalg.solve(tridiagonal[:k, :k] + r * np.eye(k), start) for r in ridges]
+                losses.append([float(held.scores_of(held.f0 + sum(float(c) * o for c, o in zip(y, columns)))[0].mean())
+                               for y in solutions])
+                residuals.append(path.betas[k - 1] * abs(solutions[-1][-1]) / path.beta0)
+            final = losses[-1]
+            for tolerance in (2 * SELECTION_TOLERANCE, SELECTION_TOLERANCE, reference):
+                k = next((i for i, r in enumerate(residuals) if r <= tolerance), len(residuals) - 1)
+                best = min(range(len(ridges)), key=lambda j: losses[k][j])
+                rows.append(f"| {fold + 1} | {kind} | {tolerance:.0e} | {k + 1} | {ridges[best]:g}: {losses[k][best]:.2f} | "
+                            f"{max(abs(a - b) for a, b in zip(losses[k], final)):.2f} |")
+            if fold == 0:
+                race[kind] = [min(row) for row in losses]
+    lines = ["## How the held-out losses settle along a path", "",
+             f"Each fold's path run until the relative gradient norm at the smallest λ is {reference:.0e} (a third of "
+             f"the selection's tolerance), its held-out loss at every λ recomputed from the first k basis vectors. "
+             f"Per fold and prior, at the first k where that residual is below each tolerance: the lowest held-out loss "
+             f"(its λ) and the largest change, over the grid's λ, still to come before the reference.", "",
+             "| fold | prior | tolerance | k | lowest loss (λ: loss) | largest change still to come |",
+             "|---:|---|---:|---:|---|---:|", *rows, "",
+             "Fold 1, the lowest held-out loss of each prior's path after k products (what a race could compare "
+             "before the paths converge):", "",
+             "| k | " + " | ".join(str(k) for k in range(2, len(race["isotropic"]) + 1, 2)) + " |",
+             "|---|" + "---:|" * len(range(2, len(race["isotropic"]) + 1, 2)),
+             *(f"| {kind} | " + " | ".join(f"{values[min(k, len(values)) - 1]:.1f}"
+                                            for k in range(2, len(race["isotropic"]) + 1, 2)) + " |"
+               for kind, values in race.items()), ""]
+    return lines
+
+
+def trunk_section(model: LQFModel, repeats: int = 3) -> list[str]:
+    train = sample_shots(load_image_dataset("fashion-mnist", "train"), SHOTS, seed=0)
+    dataset = with_transform(train, model.data_config)
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(256)])
+    start = model._start  # noqa: SLF001 — the trunk's end, to time it in the layout encode_trunk no longer uses
+
+    def rate(layout: torch.memory_format) -> tuple[float, torch.Tensor]:
+        with torch.no_grad(), model._activations(check=False):  # noqa: SLF001 — as encode_trunk runs it
+            run = lambda: model.net(pixels.contiguous(memory_format=layout), 0, start).contiguous()  # noqa: E731
+            run()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                out = run()
+        return repeats * len(pixels) / (time.perf_counter() - started), out
+
+    default, reference = rate(torch.contiguous_format)
+    channels_last, out = rate(torch.channels_last)
+    return ["## The frozen trunk (caching)", "", f"Images per second through the trunk, {len(pixels)} images in one "
+            f"batch, {repeats} repeats after one warm-up, side by side in this run.", "",
+            "| input layout | images / s |", "|---|---:|", f"| default (NCHW) | {default:.1f} |",
+            f"| channels-last (`encode_trunk`) | {channels_last:.1f} |", "",
+            f"Ratio {channels_last / default:.2f}×; the outputs differ by at most "
+            f"{float((out - reference).abs().max()):.1e} (largest output {float(reference.abs().max()):.1f}): "
+            f"float32 rounding of another convolution algorithm.", ""]
+
+
 def product_section(model: LQFModel, trainer: LQFTrainer, cache: TrunkCache, repeats: int = 3) -> list[str]:
     data = trainer.data_term(None)
     vector = data.flat.unflatten(torch.randn(data.flat.zeros().shape, generator=torch.Generator().manual_seed(0)))
@@ -236,7 +318,7 @@ def product_section(model: LQFModel, trainer: LQFTrainer, cache: TrunkCache, rep
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["selection", "isotropic", "shared", "product"])
+    parser.add_argument("--sections", nargs="+", default=["selection", "isotropic", "shared", "settle", "trunk", "product"])
     parser.add_argument("--linearize", default="last:1")
     parser.add_argument("--isotropic-ridges", type=float, nargs="+", default=[10.0, 1.0])
     parser.add_argument("--cache-dir", type=Path, default=Path("lqf-output/solver-cost"))
@@ -255,6 +337,10 @@ def main(argv=None) -> None:
             lines += isotropic_section(model, trainer, args.isotropic_ridges)
         elif section == "shared":
             lines += shared_section(trainer, cache)
+        elif section == "settle":
+            lines += settle_section(trainer, cache)
+        elif section == "trunk":
+            lines += trunk_section(model)
         elif section == "product":
             lines += product_section(model, trainer, cache)
         print("\n".join(lines), flush=True)
