@@ -331,3 +331,35 @@ def test_a_large_training_set_is_solved_with_one_held_out_part_and_the_card_says
     assert finalists and all(r["images"] == 6 for r in finalists)
     assert record["relative_gradient_norm"] <= 1e-4 and (tmp_path / "run" / "path.png").exists()
     assert record["passes"] == pytest.approx(record["selection_passes"] + record["iterations"])
+
+
+def test_the_evidence_can_choose_the_prior_and_ridge_instead(tmp_path):
+    from lqf_hub.solver.evidence import evidence_path
+    from lqf_hub.training.trainer import EVIDENCE_PROBES
+
+    data, ridges = toy_images(30, seed=3), [1.0, 0.1, 0.01]
+    model = toy_model(torch.float32)
+    args = LQFTrainingArguments(method="solve", progress=False, output_dir=str(tmp_path / "run"), ridge_grid=ridges,
+                                select="evidence", dataset_name="toy")
+    trainer = LQFTrainer(model, data, None, args)
+    record = trainer.train()[-1]
+    # the same evidence computed apart (test_evidence.py holds it to the Gaussian density of the targets)
+    objective, metrics = trainer.data_term(), trainer.priors("auto")
+    paths = {kind: evidence_path(objective, metric, ridges, probes=EVIDENCE_PROBES, seed=args.seed, tolerance=3e-2,
+                                 max_iterations=300) for kind, metric in metrics.items()}
+    values = {(kind, r): v for kind, path in paths.items() for r, v in zip(path.ridges, path.log_evidence)}
+    prior, ridge = max(values, key=values.get)
+    assert (record["prior"], record["ridge"]) == (prior, ridge)
+    assert record["relative_gradient_norm"] <= 1e-4  # certified like any other choice
+    assert record["path_products"] == {kind: path.products for kind, path in paths.items()}
+    assert model.config.temperature == 1.0  # no held-out outputs to fit it on
+    sigma2 = paths[prior].noise_variance[paths[prior].ridges.index(ridge)]
+    assert model.posterior.noise_variance == pytest.approx(sigma2, rel=1e-6)
+    assert (tmp_path / "run" / "path.png").read_bytes()[:4] == b"\x89PNG"
+    saved = LQFModel.from_pretrained(tmp_path / "run" / "model")
+    assert saved.training_summary["prior_selection"].startswith("the evidence (marginal likelihood) over all 30")
+    assert saved.training_summary["selection"] == [] and len(saved.training_summary["evidence"]) == 9
+    card = ModelCard.load(tmp_path / "run" / "model" / "README.md").text
+    assert "log evidence per image" in card and f"| **{prior}** | **{ridge}** | **{values[prior, ridge]:.4f}** |" in card
+    with pytest.raises(ValueError, match="select"):
+        LQFTrainingArguments(select="marginal")

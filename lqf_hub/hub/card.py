@@ -34,13 +34,14 @@ def model_card(model: Checkpointable, config: Mapping[str, Any], repo_id: str) -
         "classes": lqf.num_classes, "weights stored": "full (base + delta)" if config["base"] == "full"
         else f"delta only; base sha256 {config['base_sha256'][:16]}…",
     }
-    shown = {"name", "dataset", "eval_split", "train_samples", "eval_samples", "metrics", "license", "selection"}
+    shown = {"name", "dataset", "eval_split", "train_samples", "eval_samples", "metrics", "license", "selection",
+             "evidence"}
     template = importlib.resources.files("lqf_hub.model_cards").joinpath("lqf.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
         card_data, template_str=template, title=title, weights=source.describe(), settings=settings,
         metrics={k: _format(v) for k, v in metrics.items()}, training=training,
         details=_scalars({k: v for k, v in training.items() if k not in shown}),
-        selection=training.get("selection") or [],
+        selection=training.get("selection") or [], evidence=training.get("evidence") or [],
         posterior=_posterior_summary(model),
         labels=list((lqf.id2label or {}).values()), repo_id=repo_id,
     )

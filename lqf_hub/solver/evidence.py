@@ -19,11 +19,13 @@ Gram eigenvalues, each K times).
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..plotting import save_png, subplots
 from .solve import DataTerm, HeadPath, KrylovPath, PriorMetric
 
 
@@ -39,6 +41,8 @@ class EvidencePath:
     log_determinant_error: list[float]  # its standard error over the probes (0: exact; nan: one probe)
     noise_variance: list[float]  # σ² = 2·L_λ/K, the noise that maximises the evidence
     products: int  # products with G spent (the path and the probes)
+    images: int = 0  # N, the training images it was computed over
+    fit_path: KrylovPath | HeadPath | None = field(default=None, repr=False)  # its optimum at every λ (not saved)
 
     @property
     def best(self) -> float:
@@ -46,7 +50,27 @@ class EvidencePath:
         return self.ridges[int(np.argmax(self.log_evidence))]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "fit_path"}
+
+
+def most_evident(paths: dict[str, EvidencePath]) -> tuple[str, float]:
+    """The (prior, λ) of the largest evidence over every prior's path."""
+    return max(((kind, ridge) for kind, path in paths.items() for ridge in path.ridges),
+               key=lambda choice: paths[choice[0]].log_evidence[paths[choice[0]].ridges.index(choice[1])])
+
+
+def plot_evidence(paths: dict[str, EvidencePath], prior: str, ridge: float, path: Path) -> None:
+    """The log evidence per training image against λ, one line per prior, as a PNG (written atomically)."""
+    fig, axis = subplots(figsize=(5.5, 3.5))
+    for kind, evidence in paths.items():
+        axis.errorbar(evidence.ridges, evidence.log_evidence, fmt="o-", capsize=3,
+                      yerr=[0.5 * e / evidence.images if math.isfinite(e) else 0.0  # of ½ Σ log(1 + μ/λ) / N
+                            for e in evidence.log_determinant_error],
+                      label=f"{kind} prior" + (" (chosen)" if kind == prior else ""))
+    axis.axvline(ridge, color="grey", linestyle="--", label=f"chosen λ = {ridge:g}")
+    axis.set(xscale="log", xlabel="λ", ylabel="log evidence / N", title="the evidence of each prior (no image held out)")
+    axis.legend(fontsize="small")
+    save_png(fig, path)
 
 
 def log_evidence(fit: float, log_determinant: float, count: int, classes: int) -> float:
@@ -91,4 +115,4 @@ def evidence_path(
     else:
         errors = [0.0 if metric.kind == "head" else math.nan] * len(ridges)
     return EvidencePath(metric.kind, ridges, [log_evidence(f, d, data.count, classes) for f, d in zip(fits, mean)],
-                        fits, mean.tolist(), errors, [2.0 * f / classes for f in fits], products)
+                        fits, mean.tolist(), errors, [2.0 * f / classes for f in fits], products, data.count, path)

@@ -26,6 +26,11 @@ class Prior(str, enum.Enum):
     HEAD = "head"  # LQF-head: (λ/2) ‖δ_head‖², the backbone's δ held at zero
 
 
+class Rule(str, enum.Enum):
+    CROSS_VALIDATION = "cross-validation"  # raced K-fold cross-validation over the training images
+    EVIDENCE = "evidence"  # the marginal likelihood of the linear-Gaussian model, over all the training images
+
+
 class Schedule(str, enum.Enum):
     COSINE = "cosine"  # decays to 0 over the run
     CONSTANT = "constant"
@@ -80,6 +85,14 @@ class LQFTrainingArguments:
         default_factory=lambda: [1000.0, 300.0, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1],
         metadata={"help": "λ values 'solve' chooses from by cross-validation (one value: no choice of λ). With "
                           "the K-FAC prior λ = 1 weighs the prior as much as the data."},
+    )
+    select: str = field(
+        default=Rule.CROSS_VALIDATION.value,
+        metadata={"help": "How 'solve' chooses the prior and λ: 'cross-validation' (raced K-fold, every image scored by "
+                          "a model that did not see it; fits the temperature) or 'evidence' (the marginal likelihood "
+                          "over all the images: no image held out, no temperature; it chose worse on the validation "
+                          "suite, see docs/probabilities.md).",
+                  "choices": Rule},
     )
     validation_folds: int = field(
         default=5, metadata={"help": "Folds of the cross-validation that chooses λ and the prior (one Krylov path "

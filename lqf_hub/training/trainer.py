@@ -28,14 +28,19 @@ from ..files import atomic_write_text
 from ..modeling.calibration import fit_temperature, plot_reliability
 from ..modeling.model import LQFModel
 from ..modeling.posterior import Posterior, noise_variance
+from ..solver.evidence import evidence_path, most_evident, plot_evidence
 from ..solver.kfac import KFAC
-from ..solver.selection import Selection, check_classes, plot_path, select
+from ..solver.selection import SELECTION_TOLERANCE, Selection, check_classes, plot_path, select
 from ..solver.solve import DataTerm, HeadPath, PriorMetric, solve
-from .arguments import LQFTrainingArguments, Method, Prior
+from .arguments import LQFTrainingArguments, Method, Prior, Rule
 from .cache import TrunkCache, cache_trunk_outputs, dataset_fingerprint
 from .objective import Objective, build_kfac, model_inputs, predictions, prior_kinds, scores
 from .sgd import SGDLoop
 from .state import TrainerState, load_trainer_checkpoint, prune_checkpoints, save_trainer_checkpoint
+
+EVIDENCE_PROBES = 2
+"""Rademacher probes of the evidence's log-determinant (``select='evidence'``): its error is reported and drawn; on
+the validation suite 2 probes were what the comparison with cross-validation used (docs/probabilities.md)."""
 
 
 def process_state() -> PartialState:
@@ -135,18 +140,12 @@ class LQFTrainer:
                 selection = {"prior": args.prior, "ridge": args.ridge_grid[0], "iterations": 0, "paths": {}}
                 warm = None
             else:
-                found = self._select(train_data, list(metrics.values()))
-                selection = found.to_dict()
-                if len(args.ridge_grid) >= 3 and found.ridge in (min(args.ridge_grid), max(args.ridge_grid)):
-                    warnings.warn(f"λ = {found.ridge:g} was chosen at an end of `ridge_grid` ({max(args.ridge_grid):g} "
-                                  f"… {min(args.ridge_grid):g}): the best λ may lie beyond it. Widen the grid past "
-                                  "that end (see path.png).", stacklevel=3)
-                if acc.is_main_process:
-                    plot_path(found, self.output_dir / "path.png")
-                warm = found.warm_start
-                if found.out_of_fold is not None:
-                    selection["temperature"] = fit_temperature(*found.out_of_fold)
-                    selection["noise_variance"] = noise_variance(*found.out_of_fold, model.config.target_scale)
+                selection, warm = (self._choose_by_evidence(everything, metrics) if args.select == Rule.EVIDENCE.value
+                                   else self._choose_by_cross_validation(train_data, metrics))
+                if len(args.ridge_grid) >= 3 and selection["ridge"] in (min(args.ridge_grid), max(args.ridge_grid)):
+                    warnings.warn(f"λ = {selection['ridge']:g} was chosen at an end of `ridge_grid` "
+                                  f"({max(args.ridge_grid):g} … {min(args.ridge_grid):g}): the best λ may lie beyond "
+                                  "it. Widen the grid past that end (see path.png).", stacklevel=3)
             kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else None
             tensors = {f"kfac/{k}": v for k, v in kfac.state_dict().items()} if kfac is not None else {}
             if warm is not None:
@@ -185,6 +184,42 @@ class LQFTrainer:
             self._stage("evaluation", started)
         record.update(seconds=time.perf_counter() - started, stage_seconds=dict(self.stage_seconds))
         self.log(record)
+
+    def _choose_by_cross_validation(self, train_data: TrunkCache, metrics: dict[str, PriorMetric]
+                                    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The prior and λ by raced K-fold cross-validation (``solver.selection``), the temperature and σ² from
+        the out-of-fold outputs at the choice; path.png. Returns the selection record and the refit's start."""
+        found = self._select(train_data, list(metrics.values()))
+        selection = found.to_dict()
+        if self.accelerator.is_main_process:
+            plot_path(found, self.output_dir / "path.png")
+        if found.out_of_fold is not None:
+            selection["temperature"] = fit_temperature(*found.out_of_fold)
+            selection["noise_variance"] = noise_variance(*found.out_of_fold, self.model.config.target_scale)
+        return selection, found.warm_start
+
+    def _choose_by_evidence(self, data: DataTerm, metrics: dict[str, PriorMetric]
+                            ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The (prior, λ) of the largest evidence over all the training images (``solver.evidence``), σ² the one
+        that maximises it; no image is held out, so no temperature is fitted. path.png draws the evidence.
+        Returns the selection record and the refit's start: the chosen path's optimum at that λ."""
+        args = self.args
+        paths = {kind: evidence_path(data, metric, args.ridge_grid, probes=EVIDENCE_PROBES, seed=args.seed,
+                                     tolerance=SELECTION_TOLERANCE, max_iterations=args.max_iterations,
+                                     progress=args.progress and self.accelerator.is_main_process)
+                 for kind, metric in metrics.items()}
+        prior, ridge = most_evident(paths)
+        chosen = paths[prior]
+        products = {kind: path.products for kind, path in paths.items()}
+        if self.accelerator.is_main_process:
+            plot_evidence(paths, prior, ridge, self.output_dir / "path.png")
+        selection = {"prior": prior, "ridge": ridge, "iterations": sum(products.values()), "products": products,
+                     "dropped": {}, "passes": float(sum(products.values())), "paths": {},
+                     "scheme": f"the evidence (marginal likelihood) over all {data.count} training images, "
+                               f"{EVIDENCE_PROBES} log-determinant probes",
+                     "evidence": {kind: path.to_dict() for kind, path in paths.items()},
+                     "noise_variance": chosen.noise_variance[chosen.ridges.index(ridge)]}
+        return selection, chosen.fit_path.solution(ridge)
 
     def _posterior(self, data: DataTerm, metrics: dict[str, PriorMetric], prior: str, selection: dict,
                    delta: torch.Tensor) -> Posterior:
@@ -295,6 +330,12 @@ class LQFTrainer:
                                                           "standard_error", "images")},
                  "chosen": (kind, point["ridge"]) == (self.selection["prior"], self.selection["ridge"])}
                 for kind, path in self.selection.get("paths", {}).items() for point in path]
+            if "evidence" in self.selection:  # select='evidence': every prior's evidence along λ
+                summary["evidence"] = [
+                    {"prior": kind, "ridge": ridge, "log_evidence": value, "noise_variance": variance,
+                     "chosen": (kind, ridge) == (self.selection["prior"], self.selection["ridge"])}
+                    for kind, path in self.selection["evidence"].items()
+                    for ridge, value, variance in zip(path["ridges"], path["log_evidence"], path["noise_variance"])]
         else:
             summary.update({"epochs": final["epoch"], "learning_rate": final["learning_rate"]})
         if self.train_source is not None:
