@@ -40,7 +40,8 @@ Tasks, all from data that installs offline: ``fashion-mnist`` and ``mnist-5k`` (
 it confuses most); ``digits``: scikit-learn's 1797 8×8 digits, upsampled by the backbone's transform (its
 fixed 70/30 split); ``fashion-imbalanced``: Fashion-MNIST with class c drawn at ``shots · 0.75^c`` images
 (a 1:8 imbalance over the ten classes), scored in balanced accuracy. A variant is ``key=value[,key=value]``
-over ``linearize``, ``activation``, ``target_scale``, ``head_init`` and ``image_size``. ``lpft`` cross-validates
+over ``linearize``, ``activation``, ``target_scale``, ``head_init``, ``image_size`` and ``damping`` (K-FAC's, in the
+K-FAC prior). ``lpft`` cross-validates
 the head w0 holds — the small random one or LQF-head's optimum (LP-FT), refit inside every fold — on the same
 folds (``lpft_draw``). Finished rows are skipped when ``--out`` already holds them. (A first ``head=lqf-head``
 variant fitted that head on all the training images before the folds, so it had seen every held-out label: its
@@ -71,6 +72,7 @@ from lqf_hub.training.objective import Objective, trunk_outputs
 
 DEFAULT_IMAGE_SIZE = 128
 CONFIG_KEYS = {"linearize", "activation", "target_scale", "head_init"}
+TRAINING_KEYS = {"damping"}  # of LQFTrainingArguments: K-FAC's damping, in the K-FAC prior M = K + γ
 UPPER_BODY = ["T-shirt/top", "Pullover", "Coat", "Shirt"]
 IMBALANCE = 0.75  # class c gets shots · IMBALANCE^c images
 PROBE_WEIGHT_DECAYS = [100.0, 10.0, 1.0, 0.1, 0.01, 0.001, 0.0001]  # strongest first: ties keep the strongest
@@ -119,22 +121,25 @@ def metric_name(task: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- variants
-def variant_settings(variant: str) -> tuple[dict, int]:
-    """``"key=value,key=value"`` -> (LQFConfig settings, image size)."""
-    config, size = {}, DEFAULT_IMAGE_SIZE
+def variant_settings(variant: str) -> tuple[dict, int, dict]:
+    """``"key=value,key=value"`` -> (LQFConfig settings, image size, LQFTrainingArguments settings)."""
+    config, size, training = {}, DEFAULT_IMAGE_SIZE, {}
     for part in variant.split(","):
         key, _, value = part.partition("=")
         if key == "image_size":
             size = int(value)
         elif key in CONFIG_KEYS:
             config[key] = float(value) if key == "target_scale" else value
+        elif key in TRAINING_KEYS:
+            training[key] = float(value)
         else:
-            raise SystemExit(f"variant {variant!r}: {key!r} is not one of {sorted(CONFIG_KEYS | {'image_size'})}")
-    return config, size
+            raise SystemExit(f"variant {variant!r}: {key!r} is not one of "
+                             f"{sorted(CONFIG_KEYS | TRAINING_KEYS | {'image_size'})}")
+    return config, size, training
 
 
 def build(model_name: str, variant: str, num_classes: int) -> LQFModel:
-    config, size = variant_settings(variant)
+    config, size, _ = variant_settings(variant)
     model = LQFModel.from_timm(model_name, num_classes, LQFConfig(**config))
     model.set_image_size(size)
     return model
@@ -146,7 +151,8 @@ def score(task: str, model_name: str, shots: int, seed: int, variant: str) -> di
     model = build(model_name, variant, len(class_names(train)))
     with tempfile.TemporaryDirectory() as out:
         trainer = LQFTrainer(model, with_transform(train, model.data_config), None,
-                             LQFTrainingArguments(output_dir=out, seed=seed, progress=False))
+                             LQFTrainingArguments(output_dir=out, seed=seed, progress=False,
+                                                  **variant_settings(variant)[2]))
         started = time.perf_counter()
         trainer.inputs("train")
         cached = time.perf_counter()
@@ -308,7 +314,8 @@ def evaluate_draw(task: str, model_name: str, shots: int, seed: int, variant: st
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             images = inputs or (with_transform(train, model.data_config), with_transform(test, model.data_config))
-            trainer = LQFTrainer(model, *images, LQFTrainingArguments(output_dir=out, seed=seed, prior=prior, progress=False))
+            trainer = LQFTrainer(model, *images, LQFTrainingArguments(output_dir=out, seed=seed, prior=prior, progress=False,
+                                                                      **variant_settings(variant)[2]))
             final = trainer.train()[-1]
             if method == "lqf":
                 features = (trainer.features("train"), trainer.features("eval"))
