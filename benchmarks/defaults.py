@@ -17,8 +17,15 @@ gave in four sessions, 2026-12-07):
     OMP_NUM_THREADS=1 python benchmarks/defaults.py run --models tf_efficientnet_lite1 --tasks fashion-mnist mnist-5k \
         fashion-upper digits --shots 100 --seeds 0 --variants linearize=last:1 linearize=last:2 \
         --out benchmarks/results/defaults/validation.jsonl   # 2026-12-07, one thread beside other runs
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py run --shots 5 20 --variants linearize=last:1 linearize=last:2 \
+        --out benchmarks/results/defaults/validation.jsonl   # 2026-12-07, eighth session: as far as it got
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks fashion-mnist mnist-5k \
+        fashion-upper digits --shots 100 --seeds 0 --variants damping=0.1 --out benchmarks/results/defaults/damping.jsonl
     python benchmarks/defaults.py summary benchmarks/results/defaults/validation.jsonl \
         --report benchmarks/results/defaults/validation.md
+    python benchmarks/defaults.py summary benchmarks/results/defaults/validation.jsonl \
+        benchmarks/results/defaults/damping.jsonl --variants linearize=last:1 damping=0.1 \
+        --report benchmarks/results/defaults/damping.md
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 5 20 \
         --out benchmarks/results/defaults/test.jsonl
     python benchmarks/defaults.py test --models tf_efficientnet_lite0 --variant linearize=last:1 --shots 100 \
@@ -368,13 +375,19 @@ def validation_score(row: dict) -> float:
 
 
 def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    """Mean ± sd over the draws; one draw has no spread to report (the tables say how many draws)."""
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def summary(args) -> None:
     rows = [json.loads(line) for path in args.results for line in path.open()]
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+    if args.variants:  # these columns only, the first the baseline, in the groups where another one ran
+        variants = args.variants
+        ran = {(r["task"], r["model"], r["shots"]) for r in rows if r["variant"] in variants[1:]}
+        rows = [r for r in rows if r["variant"] in variants and (r["task"], r["model"], r["shots"]) in ran]
     cells = defaultdict(list)
     for r in rows:
         cells[r["task"], r["model"], r["shots"], r["variant"]].append(r)
@@ -382,7 +395,7 @@ def summary(args) -> None:
     lines = ["# The validation suite", "",
              "Made by `benchmarks/defaults.py run` (commands in its docstring). Every number is cross-validated on "
              "the training images (5 folds, the solver's own choice of prior and λ); **no test image is read**. "
-             "Each cell: the task's metric at the solver's choice, mean ± sd over seeds, then the mean "
+             "Each cell: the task's metric at the solver's choice, mean ± sd over seeds (n draws), then the mean "
              "cross-validated loss (MSE to α·one-hot, α²/2 times the Brier score of f/α: a proper scoring rule) "
              "and the priors chosen.", "",
              "| task | backbone | shots | " + " | ".join(variants) + " |", "|---|---|---:|" + "---:|" * len(variants)]
@@ -395,7 +408,7 @@ def summary(args) -> None:
                 continue
             loss = statistics.mean(chosen_point(r)["validation_loss"] for r in runs)
             priors = "/".join(r["chosen_prior"] for r in runs)
-            row.append(f"{mean_sd([validation_score(r) for r in runs])} (loss {loss:.1f}; {priors})")
+            row.append(f"{mean_sd([validation_score(r) for r in runs])} (n={len(runs)}; loss {loss:.1f}; {priors})")
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "## Paired differences against the first variant", "",
               "Per draw, the cross-validated loss of each variant minus the first's (same images, same folds), mean "
@@ -493,6 +506,7 @@ def main(argv=None) -> None:
     final.add_argument("--out", type=Path, required=True)
     table = commands.add_parser("summary", help="tables of the validation scores")
     table.add_argument("results", type=Path, nargs="+")
+    table.add_argument("--variants", nargs="+", help="only these (the first: what the others are paired against)")
     table.add_argument("--report", type=Path)
     tested = commands.add_parser("test-summary", help="the table of the test phase")
     tested.add_argument("results", type=Path, nargs="+")
