@@ -9,7 +9,8 @@ Sections (``--sections``, all by default), each on the default job's 1000 Fashio
   then the refit at the chosen prior and λ from zero and from the mean of the folds' optima; products with
   the data and seconds, side by side.
 * ``isotropic``: preconditioners for the isotropic prior's refit at one λ: none, K-FAC + λI (the prior's
-  eigenbases, damping 0), and a scalar per tensor (its mean Gauss-Newton curvature, Hutchinson) + λ.
+  eigenbases, damping 0), K-FAC damped as the K-FAC prior is + λI, and a scalar per tensor (its mean Gauss-Newton
+  curvature, Hutchinson) + λ.
 * ``shared``: one subspace shared by every fold (grown from the worst fold's residual, K-FAC preconditioned,
   until every fold's own relative residual is below the selection tolerance) and the held-out scores it
   gives — against the honest folds' (a check that sharing products between folds leaks the held-out labels).
@@ -89,24 +90,31 @@ def selection_section(trainer: LQFTrainer, cache: TrunkCache) -> list[str]:
     return lines + [""]
 
 
-def isotropic_section(model: LQFModel, trainer: LQFTrainer, ridges: list[float], probes: int = 8) -> list[str]:
+ISOTROPIC_PRECONDITIONERS = {"none": "none", "kfac": "K-FAC + λI", "kfac-damped": "K-FAC damped as the prior + λI",
+                              "scalar": "scalar per tensor + λ"}
+
+
+def isotropic_section(model: LQFModel, trainer: LQFTrainer, ridges: list[float], columns: list[str],
+                      probes: int = 8) -> list[str]:
     data, metrics = trainer.data_term(), trainer.priors("kfac")
     flat, prior = data.flat, metrics["kfac"].kfac
     shifted = KFAC(model.linearization_point, model.linearized_parameters, ridge=0.0, damping=0.0)
     shifted.load_state_dict(prior.state_dict())
+    damped = KFAC(model.linearization_point, model.linearized_parameters, ridge=0.0, damping=trainer.args.damping)
+    damped.load_state_dict(prior.state_dict())
     generator = torch.Generator().manual_seed(0)
     curvature = dict.fromkeys(flat.names, 0.0)
-    for _ in range(probes):  # Hutchinson: E[vᵢ (Gv)ᵢ] = Gᵢᵢ, summed per tensor
+    for _ in range(probes if "scalar" in columns else 0):  # Hutchinson: E[vᵢ (Gv)ᵢ] = Gᵢᵢ, summed per tensor
         v = (torch.randint(0, 2, flat.zeros().shape, generator=generator) * 2 - 1).to(flat.dtype)
         for name, a, b in zip(flat.names, flat.unflatten(v).values(), flat.unflatten(data.gauss_newton(v)).values()):
             curvature[name] += float((a * b).sum()) / probes
     sizes = dict(zip(flat.names, flat.sizes))
 
-    def kfac_shifted(ridge: float):
+    def kfac_shifted(ridge: float, kfac: KFAC = shifted):
         def apply(r):
-            shifted.ridge = ridge
+            kfac.ridge = ridge
             parts = {n: t.clone() for n, t in flat.unflatten(r).items()}
-            shifted.precondition(parts)
+            kfac.precondition(parts)
             return flat.flatten(parts)
         return apply
 
@@ -116,11 +124,13 @@ def isotropic_section(model: LQFModel, trainer: LQFTrainer, ridges: list[float],
 
     lines = ["## Preconditioning the isotropic prior", "",
              f"Conjugate gradients on `(G + λI)δ = b` over the 1000 images to a relative residual of 1e-4 ({probes} "
-             "Hutchinson probes for the scalars).", "", "| λ | none | K-FAC + λI | scalar per tensor + λ |",
-             "|---:|---:|---:|---:|"]
+             f"Hutchinson probes for the scalars; the damped K-FAC's damping {trainer.args.damping:g} × each block's mean "
+             "eigenvalue, as in the K-FAC prior).", "",
+             "| λ | " + " | ".join(ISOTROPIC_PRECONDITIONERS[c] for c in columns) + " |", "|---:|" + "---:|" * len(columns)]
     for ridge in ridges:
-        counts = [_pcg(data, ridge, pre) for pre in (lambda r: r, kfac_shifted(ridge), scalar_per_tensor(ridge))]
-        lines.append(f"| {ridge:g} | " + " | ".join(str(c) for c in counts) + " |")
+        made = {"none": lambda r: r, "kfac": kfac_shifted(ridge), "kfac-damped": kfac_shifted(ridge, damped),
+                "scalar": scalar_per_tensor(ridge)}
+        lines.append(f"| {ridge:g} | " + " | ".join(str(_pcg(data, ridge, made[c])) for c in columns) + " |")
     return lines + [""]
 
 
@@ -321,6 +331,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sections", nargs="+", default=["selection", "isotropic", "shared", "settle", "trunk", "product"])
     parser.add_argument("--linearize", default="last:1")
     parser.add_argument("--isotropic-ridges", type=float, nargs="+", default=[10.0, 1.0])
+    parser.add_argument("--isotropic-preconditioners", nargs="+", choices=list(ISOTROPIC_PRECONDITIONERS),
+                        default=list(ISOTROPIC_PRECONDITIONERS))
     parser.add_argument("--cache-dir", type=Path, default=Path("lqf-output/solver-cost"))
     parser.add_argument("--report", type=Path)
     args = parser.parse_args(argv)
@@ -334,7 +346,7 @@ def main(argv=None) -> None:
         if section == "selection":
             lines += selection_section(trainer, cache)
         elif section == "isotropic":
-            lines += isotropic_section(model, trainer, args.isotropic_ridges)
+            lines += isotropic_section(model, trainer, args.isotropic_ridges, args.isotropic_preconditioners)
         elif section == "shared":
             lines += shared_section(trainer, cache)
         elif section == "settle":
