@@ -206,6 +206,8 @@ def test_one_image_per_class_cannot_choose_the_prior_or_lambda_but_can_be_solved
     assert "eval" not in trainer._inputs  # refused before the evaluation images' trunk outputs
     fixed = train(toy_model(), one_each, tmp_path, "fixed", method="solve", prior="isotropic", ridge_grid=[300.0])
     assert fixed[-1]["ridge"] == 300.0 and fixed[-1]["relative_gradient_norm"] <= 1e-4
+    evident = train(toy_model(), one_each, tmp_path, "evidence", method="solve", select="evidence")  # holds none out
+    assert evident[-1]["ridge"] in LQFTrainingArguments().ridge_grid and evident[-1]["relative_gradient_norm"] <= 1e-4
 
 
 def test_a_class_with_one_image_is_warned_about():

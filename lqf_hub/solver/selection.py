@@ -119,8 +119,9 @@ def check_classes(labels: Tensor) -> None:
     if single and not bool((counts >= 2).any()):
         raise ValueError("Every class has one training image: cross-validation would score each by a model that never "
                          "saw its class, so it cannot choose the prior or λ. Fix them (prior='isotropic' and one value in "
-                         "`ridge_grid`; CLI: --prior isotropic --ridge-grid 300, what it chose at 2 images per class) "
-                         "or give every class at least 2 images.")
+                         "`ridge_grid`; CLI: --prior isotropic --ridge-grid 300, what it chose at 2 images per class), "
+                         "choose them by the evidence, which holds no image out (select='evidence'; CLI: --select "
+                         "evidence), or give every class at least 2 images.")
     if single:
         warnings.warn(f"{single} class{'es have' if single > 1 else ' has'} one training image: cross-validation "
                       "scores it by a model that never saw its class, which pulls λ up. Give every class at least 2 "

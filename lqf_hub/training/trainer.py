@@ -112,7 +112,8 @@ class LQFTrainer:
                 f"Checkpoint {args.resume_from} was trained on another training set (other images, labels or "
                 "preprocessing); resume with the same data or start a new run in another --output-dir."
             )
-        if args.method == Method.SOLVE.value and self._selects() and (resumed is None or resumed.selection is None):
+        if (args.method == Method.SOLVE.value and self._selects() and args.select == Rule.CROSS_VALIDATION.value
+                and (resumed is None or resumed.selection is None)):
             check_classes(train_data.labels)  # before the evaluation images are cached
         eval_data = None if self.eval_dataset is None else self.inputs("eval")
         self.stage_seconds = {"caching": time.perf_counter() - started}
