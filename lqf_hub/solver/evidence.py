@@ -41,7 +41,7 @@ class EvidencePath:
     log_determinant_error: list[float]  # its standard error over the probes (0: exact; nan: one probe)
     noise_variance: list[float]  # σ² = 2·L_λ/K, the noise that maximises the evidence
     products: int  # products with G spent (the path and the probes)
-    images: int = 0  # N, the training images it was computed over
+    images: int  # N, the training images it was computed over
     fit_path: KrylovPath | HeadPath | None = field(default=None, repr=False)  # its optimum at every λ (not saved)
 
     @property
