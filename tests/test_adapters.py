@@ -82,7 +82,8 @@ def test_pretrained_head_init_keeps_the_original_classifier(family):
     build = LQFModel.from_timm if family in TIMM_FAMILIES else LQFModel.from_transformers
     model = build(network, config=config)
     assert model.num_classes == 7
-    torch.testing.assert_close(model.base_forward(x), expected, rtol=0, atol=0)
+    # float32 rounding, not bit for bit: the LQF trunk runs channels-last (its convolutions take another algorithm)
+    torch.testing.assert_close(model.base_forward(x), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, size", [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240)])
