@@ -37,7 +37,7 @@ shots, on one seed at 100: what 2 cores gave in five sessions, 2026-12-07/08):
     python benchmarks/defaults.py lpft --tasks fashion-mnist mnist-5k digits fashion-upper --seeds 0 \
         --out benchmarks/results/defaults/lpft.jsonl
     OMP_NUM_THREADS=1 python benchmarks/defaults.py lpft --tasks fashion-mnist mnist-5k digits fashion-upper --seeds 1 \
-        --out benchmarks/results/defaults/lpft.jsonl   # stopped after Fashion-MNIST (2026-12-08)
+        --out benchmarks/results/defaults/lpft.jsonl   # 2026-12-08 (stopped after Fashion-MNIST, then run again)
     OMP_NUM_THREADS=1 python benchmarks/defaults.py test --models tf_efficientnet_lite1 --variant linearize=last:1 \
         --shots 5 --out benchmarks/results/defaults/test.jsonl
     python benchmarks/defaults.py lpft-summary benchmarks/results/defaults/lpft.jsonl \
