@@ -122,10 +122,12 @@ def isotropic_section(model: LQFModel, trainer: LQFTrainer, ridges: list[float],
         scale = torch.cat([torch.full((sizes[n],), max(curvature[n], 0) / sizes[n] + ridge) for n in flat.names])
         return lambda r: r / scale.to(r)
 
+    notes = ([f"{probes} Hutchinson probes for the scalars"] if "scalar" in columns else []) + (
+        [f"the damped K-FAC's damping {trainer.args.damping:g} × each block's mean eigenvalue, as in the K-FAC prior"]
+        if "kfac-damped" in columns else [])
     lines = ["## Preconditioning the isotropic prior", "",
-             f"Conjugate gradients on `(G + λI)δ = b` over the 1000 images to a relative residual of 1e-4 ({probes} "
-             f"Hutchinson probes for the scalars; the damped K-FAC's damping {trainer.args.damping:g} × each block's mean "
-             "eigenvalue, as in the K-FAC prior).", "",
+             "Conjugate gradients on `(G + λI)δ = b` over the 1000 images to a relative residual of 1e-4"
+             + (f" ({'; '.join(notes)})." if notes else "."), "",
              "| λ | " + " | ".join(ISOTROPIC_PRECONDITIONERS[c] for c in columns) + " |", "|---:|" + "---:|" * len(columns)]
     for ridge in ridges:
         made = {"none": lambda r: r, "kfac": kfac_shifted(ridge), "kfac-damped": kfac_shifted(ridge, damped),
