@@ -11,6 +11,7 @@ from torch.func import jacrev
 from lqf_hub import LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub.analysis.explain import Explainer
 from lqf_hub.analysis.forget import forget
+from lqf_hub.solver.kfac import KFAC
 from lqf_hub.solver.solve import DataTerm, certify, solve
 
 
@@ -175,7 +176,7 @@ def test_the_split_misses_exactly_the_gradient_term_away_from_the_optimum(prior)
     torch.testing.assert_close(explanation.gap, expected, rtol=1e-7, atol=1e-9)
 
 
-def test_forgetting_equals_retraining_without_the_images(tmp_path):
+def test_forgetting_equals_retraining_without_the_images(tmp_path, monkeypatch):
     images = toy_images(20, seed=3)
     args = dict(method="solve", ridge_grid=[0.05], tolerance=1e-9, progress=False)
     model = toy_model()
@@ -183,7 +184,12 @@ def test_forgetting_equals_retraining_without_the_images(tmp_path):
     before = deltas(model).clone()
     model.config.temperature = 2.5  # as if fitted: a fixed λ keeps it
     other = LQFTrainingArguments(output_dir=str(tmp_path / "forgot"), prior="isotropic", **args)  # the model's prior wins
+    accumulated, accumulate = [], KFAC.accumulate
+    monkeypatch.setattr(KFAC, "accumulate", lambda kfac, call, size, *rest: (accumulated.append(size),
+                                                                             accumulate(kfac, call, size, *rest)))
     new, record = forget(model, images, [11, 2, 5, 2], other)
+    monkeypatch.undo()
+    assert accumulated == [3]  # K-FAC over the kept images is the model's less the removed images' share
     assert torch.equal(deltas(model), before)  # the original is left as it was
     kept = [image for i, image in enumerate(images) if i not in (2, 5, 11)]
     scratch = toy_model()

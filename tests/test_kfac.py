@@ -288,6 +288,47 @@ def test_state_dict_saved_with_safetensors_preconditions_bit_identically(tmp_pat
     assert torch.equal(_preconditioned(kfac, deltas, v), _preconditioned(restored, deltas, v))
 
 
+@pytest.mark.parametrize("outputs", ["exact", "sampled"])
+def test_removing_images_equals_computing_over_the_others(outputs):
+    """A K-FAC less some images' share is the K-FAC of the other images (what ``forget`` needs), however the
+    images were batched: sampled output vectors follow each image's key, not its position."""
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)
+    x, keys = torch.randn(12, 3, 4, 4), torch.randint(0, 256, (12, 8), dtype=torch.uint8)
+    gone = torch.tensor([1, 6, 7])
+    kept = torch.tensor([i for i in range(12) if i not in gone])
+    w0, deltas = dict(net.named_parameters()), _deltas(net)
+
+    def statistics(rows, batches):
+        kfac = KFAC(w0, deltas, ridge=0.0, damping=1e-2, outputs=outputs)
+        for part in rows.chunk(batches):
+            kfac.accumulate(lambda p, part=part: functional_call(net, p, (x[part],)), len(part), keys[part])
+        return kfac
+
+    full = statistics(torch.arange(12), 2)
+    full.finalize()
+    full.remove(statistics(gone, 2), count=12)
+    rest = statistics(kept, 1)
+    rest.finalize()
+    assert set(full.blocks) == {"0.weight", "4.weight"} and set(full.diag_eig) == {"1.weight", "1.bias"}
+    for name, block in rest.blocks.items():
+        for factor in "ab":
+            e, f = block.eig, full.blocks[name].eig
+            expected = (e[f"basis_{factor}"] * e[f"eig_{factor}"].unsqueeze(-2)) @ e[f"basis_{factor}"].mT
+            got = (f[f"basis_{factor}"] * f[f"eig_{factor}"].unsqueeze(-2)) @ f[f"basis_{factor}"].mT
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    for name, diag in rest.diag_eig.items():
+        torch.testing.assert_close(full.diag_eig[name], diag, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="keep at least one"):
+        full.remove(statistics(torch.arange(12), 1), count=12)
+    with pytest.raises(ValueError, match="other outputs"):
+        other = KFAC(w0, deltas, ridge=0.0, damping=1e-2, outputs="exact" if outputs == "sampled" else "sampled")
+        other.accumulate(lambda p: functional_call(net, p, (x[:2],)), 2, keys[:2])
+        full.remove(other, count=12)
+
+
 def test_a_damaged_state_is_refused_saying_what_is_wrong():
     torch.manual_seed(8)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.Flatten(), nn.Linear(16, 3))

@@ -4,7 +4,8 @@ An LQF model at its optimum is a function of its training set, its λ and its pr
 order, no stopping time). So the model without images S is the optimum of the same objective over the
 remaining images — computed here by the certified solver warm-started from the model's δ (close to the new
 optimum when S is small), with the K-FAC prior rebuilt from the remaining images (M is a function of the
-images: S must leave it too). λ stays the model's: choosing it again would be another model.
+images: S must leave it too; it is the model's own K-FAC less the share of S, a pass over S alone). λ stays the
+model's: choosing it again would be another model.
 """
 
 import dataclasses
@@ -13,11 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from ..modeling.model import LQFModel
 from ..training.arguments import LQFTrainingArguments, objective_settings
 from ..training.cache import TrunkCache
+from ..training.objective import Objective, trunk_outputs
 from ..training.trainer import LQFTrainer
 
 
@@ -46,8 +49,9 @@ def forget(
         new = LQFModel.from_pretrained(copy)
     args = dataclasses.replace(args, method="solve", ridge_grid=[model.config.ridge], warm_start=True,
                                **objective_settings(model.training_summary))
-    rest = train_dataset.select(kept) if isinstance(train_dataset, TrunkCache) else Subset(train_dataset, kept)
-    trainer = LQFTrainer(new, rest, None, args)
+    rest, gone = (train_dataset.select(rows) if isinstance(train_dataset, TrunkCache) else Subset(train_dataset, rows)
+                  for rows in (kept, removed))
+    trainer = LQFTrainer(new, rest, None, args, curvature=_curvature_without(model, gone, len(train_dataset), args))
     record = trainer.train()[-1]
     source = {"train_data": model.training_summary["train_data"]} if "train_data" in model.training_summary else {}
     new.training_summary = {**new.training_summary, **source, "train_samples": len(kept),
@@ -55,3 +59,15 @@ def forget(
                                           "seconds": time.perf_counter() - started}}
     trainer.save_model()
     return new, record
+
+
+def _curvature_without(model: LQFModel, gone: Dataset, count: int, args: LQFTrainingArguments
+                       ) -> dict[str, Tensor] | None:
+    """K-FAC at w0 over the kept images: the model's own (its posterior's, over all ``count`` images) less the share
+    of the images ``gone``, which costs a pass over them alone instead of one over the kept ones (``KFAC.remove``).
+    None where the model carries no such posterior: the trainer then computes it from the kept images."""
+    posterior = model.posterior
+    if posterior is None or posterior.count != count or posterior.damping != args.damping:
+        return None
+    objective = Objective(model, trunk_outputs(model, gone, batch_size=args.eval_batch_size), args)
+    return objective.kfac_without(posterior.curvature, count)

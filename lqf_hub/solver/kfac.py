@@ -351,6 +351,44 @@ class KFAC:
             self.diag_eig[name] = torch.zeros_like(self.deltas[name], dtype=self.dtype)
         self.finalized = True
 
+    def remove(self, share: "KFAC", count: int, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Take the images ``share`` has accumulated (not finalized) out of this finalized K-FAC over ``count``
+        images, in place: the K-FAC of the others, up to rounding, without a pass over them.
+
+        The factors are sums over images, and in "sampled" mode each image's output vectors are drawn from its
+        content key, so ``share`` holds exactly what those images added, provided it was built like this one
+        (outputs, samples, seed) with the same keys. Every image must give a layer the same number of rows
+        (locations), as cached trunk outputs of one size do. ``reduce_sum`` sums ``share`` over processes.
+        """
+        if not self.finalized or share.finalized:
+            raise RuntimeError("remove() takes a finalized K-FAC and the accumulated, unfinalized share to remove.")
+        if (share.outputs, share.samples, share.seed) != (self.outputs, self.samples, self.seed):
+            raise ValueError("The share to remove was built with other outputs, samples or seed than this K-FAC.")
+        reduce_sum = reduce_sum or (lambda t: t)
+        removed = float(reduce_sum(torch.tensor([share.num_samples], dtype=torch.float64)).item())
+        if not 0 < removed < count:
+            raise ValueError(f"Cannot remove {removed:g} of {count} images: keep at least one, remove at least one.")
+        if set(share.blocks) != set(self.blocks) or set(share.diag_sum) - set(self.diag_eig):
+            raise ValueError("The share to remove covers other layers than this K-FAC.")
+        kept = count - removed
+        for name, block in self.blocks.items():
+            part = share.blocks[name]
+            rows = float(reduce_sum(torch.tensor([part.a_count], dtype=torch.float64)).item())
+            e = block.eig
+            # the stored factors are means: back to sums over all images (A over their rows), less the share
+            a = (e["basis_a"] * e["eig_a"].unsqueeze(-2)) @ e["basis_a"].transpose(-1, -2)
+            b = (e["basis_b"] * e["eig_b"].unsqueeze(-2)) @ e["basis_b"].transpose(-1, -2)
+            a = (a.double() * (rows / removed * count) - reduce_sum(part.a_sum).double()) / (rows / removed * kept)
+            b = (b.double() * count - reduce_sum(part.b_sum).double()) / kept
+            eig_a, basis_a = symmetric_eigh(a, f"K-FAC input factor A of {name}")
+            eig_b, basis_b = symmetric_eigh(b, f"K-FAC output-gradient factor B of {name}")
+            block.eig = {k: v.to(self.dtype) for k, v in
+                         {"eig_a": eig_a, "basis_a": basis_a, "eig_b": eig_b, "basis_b": basis_b}.items()}
+        for name, diag in self.diag_eig.items():
+            if name in share.diag_sum:
+                self.diag_eig[name] = ((diag.double() * count - reduce_sum(share.diag_sum[name]).double()) / kept
+                                       ).clamp_min(0).to(self.dtype)
+
     def precondition(self, grads: Mapping[str, Tensor], power: float = 1.0) -> None:
         """Replace each gradient (network name -> tensor shaped like its δ) by ``(K + γ)^-power grad``, in place.
 

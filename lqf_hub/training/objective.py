@@ -6,7 +6,7 @@ the trunk outputs of a trained model without a training run.
 defaults are one process.
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -89,13 +89,29 @@ class Objective:
         (no ridge; a function of the set of images only), or restored from ``saved``."""
         kfac = None
         if Prior.KFAC.value in kinds:
-            # one random output vector per image, drawn from its content digest, unless "exact": C times cheaper
-            outputs = "exact" if self.args.kfac_outputs == KFACOutputs.EXACT.value else "sampled"
-            kfac = build_kfac(self.model, (data or self.data_term()).trunk_batches, ridge=0.0, damping=self.args.damping,
-                              outputs=outputs, seed=0, saved=saved, reduce_sum=self.reduce_sum, progress=self.progress)
+            kfac = build_kfac(self.model, (data or self.data_term()).trunk_batches, **self._kfac_settings(), saved=saved,
+                              reduce_sum=self.reduce_sum, progress=self.progress)
         flat = Flat(self.model.linearization_point)
         return {kind: PriorMetric(flat, kfac if kind == Prior.KFAC.value else None, head_only=kind == Prior.HEAD.value)
                 for kind in kinds}
+
+    def kfac_without(self, curvature: Mapping[str, Tensor], count: int) -> dict[str, Tensor]:
+        """The prior's K-FAC over ``count`` training images (``curvature``: its finalized state) without this
+        objective's images, which must be some of them: their share is accumulated over them alone and taken out
+        (``KFAC.remove``), instead of a pass over the others. Returns the finalized state."""
+        model = self.model
+        kfac = KFAC(model.linearization_point, model.linearized_parameters, **self._kfac_settings())
+        kfac.load_state_dict(curvature)
+        share = KFAC(model.linearization_point, model.linearized_parameters, **self._kfac_settings())
+        for z, keys in self.data_term().trunk_batches():
+            share.accumulate(model.tail_function(z), z.shape[0], keys)
+        kfac.remove(share, count, self.reduce_sum)
+        return kfac.state_dict()
+
+    def _kfac_settings(self) -> dict[str, Any]:
+        # one random output vector per image, drawn from its content digest, unless "exact": C times cheaper
+        outputs = "exact" if self.args.kfac_outputs == KFACOutputs.EXACT.value else "sampled"
+        return {"ridge": 0.0, "damping": self.args.damping, "outputs": outputs, "seed": 0}
 
 
 def model_inputs(items: list, cache_trunk: bool) -> tuple[dict[str, Tensor], Tensor]:

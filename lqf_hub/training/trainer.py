@@ -65,9 +65,13 @@ class LQFTrainer:
         eval_dataset: Dataset | None = None,
         args: LQFTrainingArguments | None = None,
         train_source: dict[str, Any] | None = None,
+        curvature: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.model, self.train_dataset, self.eval_dataset = model, train_dataset, eval_dataset
         self.train_source = train_source  # how to fetch the training images again (recorded in the card)
+        # K-FAC at w0 over the training images when already known (a finalized ``KFAC.state_dict()``): ``forget``
+        # passes the model's less the removed images' share
+        self.curvature = curvature
         self._data_fingerprint: str | None = None
         self.args = args or LQFTrainingArguments()
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
@@ -133,7 +137,7 @@ class LQFTrainer:
         started = time.perf_counter()
         progress = args.progress and acc.is_main_process
         everything = self.data_term()
-        metrics = self._objective().priors(prior_kinds(args.prior), saved, everything)
+        metrics = self._objective().priors(prior_kinds(args.prior), self._known_curvature(saved), everything)
         self._stage("objective", started)  # the data term's right-hand side and K-FAC: one pass each
         selection = resumed.selection if resumed is not None else None
         if selection is None:
@@ -228,7 +232,7 @@ class LQFTrainer:
         out-of-fold residuals where the solver chose λ, else the model's own (forget), else the training residuals
         (in-sample: an underestimate)."""
         kfac = metrics[Prior.KFAC.value].kfac if Prior.KFAC.value in metrics else \
-            self._objective().priors([Prior.KFAC.value], data=data)[Prior.KFAC.value].kfac
+            self._objective().priors([Prior.KFAC.value], self._known_curvature({}), data)[Prior.KFAC.value].kfac
         variance = selection.get("noise_variance")
         if variance is None and self.model.posterior is not None:
             variance = self.model.posterior.noise_variance
@@ -237,6 +241,12 @@ class LQFTrainer:
                                       self.model.config.target_scale)
         return Posterior(kfac.state_dict(), list(self.model.linearization_point), self.args.damping, prior,
                          selection["ridge"], data.count, variance)
+
+    def _known_curvature(self, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The K-FAC tensors (``kfac/...``) of a resumed run, else those passed as ``curvature``, else none."""
+        if any(k.startswith("kfac/") for k in saved) or self.curvature is None:
+            return saved
+        return {**saved, **{f"kfac/{k}": v for k, v in self.curvature.items()}}
 
     def _stage(self, name: str, started: float) -> None:
         """Record the seconds of stage ``name``: the time since ``started`` less the stages recorded since."""
