@@ -1,5 +1,6 @@
 """Attribution and forgetting: the representer split against brute-force kernels, forgetting against retraining."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -190,6 +191,10 @@ def test_forgetting_equals_retraining_without_the_images(tmp_path, monkeypatch):
     new, record = forget(model, images, [11, 2, 5, 2], other)
     monkeypatch.undo()
     assert accumulated == [3]  # K-FAC over the kept images is the model's less the removed images' share
+    without_posterior = LQFModel.from_pretrained(tmp_path / "full" / "model")
+    without_posterior.posterior = None  # as in checkpoints saved before it was stored: K-FAC over the kept images
+    recomputed, _ = forget(without_posterior, images, [2, 5, 11], dataclasses.replace(other, output_dir=str(tmp_path / "r")))
+    assert (deltas(recomputed) - deltas(new)).norm() <= 1e-9 * deltas(new).norm()
     assert torch.equal(deltas(model), before)  # the original is left as it was
     kept = [image for i, image in enumerate(images) if i not in (2, 5, 11)]
     scratch = toy_model()

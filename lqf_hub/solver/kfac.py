@@ -374,12 +374,12 @@ class KFAC:
         for name, block in self.blocks.items():
             part = share.blocks[name]
             rows = float(reduce_sum(torch.tensor([part.a_count], dtype=torch.float64)).item())
-            e = block.eig
+            e = {k: v.double() for k, v in block.eig.items()}
             # the stored factors are means: back to sums over all images (A over their rows), less the share
             a = (e["basis_a"] * e["eig_a"].unsqueeze(-2)) @ e["basis_a"].transpose(-1, -2)
             b = (e["basis_b"] * e["eig_b"].unsqueeze(-2)) @ e["basis_b"].transpose(-1, -2)
-            a = (a.double() * (rows / removed * count) - reduce_sum(part.a_sum).double()) / (rows / removed * kept)
-            b = (b.double() * count - reduce_sum(part.b_sum).double()) / kept
+            a = (a * (rows / removed * count) - reduce_sum(part.a_sum).double()) / (rows / removed * kept)
+            b = (b * count - reduce_sum(part.b_sum).double()) / kept
             eig_a, basis_a = symmetric_eigh(a, f"K-FAC input factor A of {name}")
             eig_b, basis_b = symmetric_eigh(b, f"K-FAC output-gradient factor B of {name}")
             block.eig = {k: v.to(self.dtype) for k, v in
