@@ -104,6 +104,37 @@ def test_another_preconditioner_reaches_the_same_certified_optimum():
 
 
 @pytest.mark.parametrize("prior", ["isotropic", "kfac"])
+def test_each_step_reaches_the_least_gradient_of_its_krylov_space(prior):
+    """The reported gradients are those of the smoothed iterates: after k products, the least ``‖∇L‖_{M⁻¹}`` over
+    ``span{z, (M⁻¹H)z, …, (M⁻¹H)^(k−1)z}`` with ``z = M⁻¹b`` (the MINRES iterate; least squares on the brute-force
+    Jacobian here), so they never rise."""
+    j, residual, data, metric = setup(prior, batch_size=8)
+    ridge, n = 0.05, j.shape[0] // NUM_CLASSES
+
+    def hessian(v: torch.Tensor) -> torch.Tensor:
+        return j.T @ (j @ v) / n + ridge * metric.power(v, -1.0)
+
+    rhs = j.T @ residual / n
+    basis, vector = [], metric.power(rhs, 1.0)
+    for _ in range(6):
+        basis.append(vector / vector.norm())
+        vector = metric.power(hessian(basis[-1]), 1.0)
+        columns = torch.stack(basis, 1)
+        vector = vector - columns @ (columns.T @ vector)  # orthonormal columns, for a well-posed least squares
+    gradients = []
+    with pytest.raises(RuntimeError, match="No certificate after 8 products"):  # a fresh one, 6 steps, a fresh one
+        solve(data, metric, ridge, tolerance=1e-30, max_iterations=7, callback=gradients.append)
+    rhs_norm = float(rhs @ metric.power(rhs, 1.0)) ** 0.5
+    for k in range(1, 7):
+        images = torch.stack([hessian(b) for b in basis[:k]], 1)  # H·K [P, k]
+        dual_images = torch.stack([metric.power(c, 1.0) for c in images.T], 1)  # M⁻¹·H·K
+        least = torch.linalg.solve(images.T @ dual_images, dual_images.T @ rhs)  # normal equations in M⁻¹'s norm
+        gap = rhs - images @ least
+        assert gradients[k] == pytest.approx(float(gap @ metric.power(gap, 1.0)) ** 0.5 / rhs_norm, rel=1e-6)
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(gradients[:7], gradients[1:7]))
+
+
+@pytest.mark.parametrize("prior", ["isotropic", "kfac"])
 def test_the_certificate_bounds_the_true_suboptimality(prior):
     j, residual, data, metric = setup(prior, batch_size=24)
     ridge = 0.02
