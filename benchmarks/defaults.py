@@ -6,8 +6,8 @@ and every variant (settings of ``LQFConfig``, the image size) is scored by the s
 (K-FAC, isotropic and LQF-head), λ by the one-standard-error rule. ``run`` never reads a test image.
 ``test`` evaluates the chosen defaults once per draw on the task's test split, beside LQF-head and a linear
 probe (the report, not a choice). The commands of the committed results (``benchmarks/results/defaults/``;
-the test phase on Lite0, and on Lite1 at 5 shots; the variants on 3 seeds at 5 shots, on 2–3 seeds of Lite0 at 20
-shots, on one seed at 100: what 2 cores gave in five sessions, 2026-12-07/08):
+the test phase on Lite0, and on Lite1 at 5 and 20 shots; the variants on 3 seeds at 5 shots, on 2–3 seeds of Lite0
+and some of Lite1 at 20 shots, on one seed at 100: what 2 cores gave in six sessions, 2026-12-07/08):
 
     python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks fashion-mnist --shots 100 --seeds 0 \
         --variants linearize=last:1 linearize=last:2 --out benchmarks/results/defaults/validation.jsonl
@@ -40,6 +40,11 @@ shots, on one seed at 100: what 2 cores gave in five sessions, 2026-12-07/08):
         --out benchmarks/results/defaults/lpft.jsonl   # 2026-12-08 (stopped after Fashion-MNIST, then run again)
     OMP_NUM_THREADS=1 python benchmarks/defaults.py test --models tf_efficientnet_lite1 --variant linearize=last:1 \
         --shots 5 --out benchmarks/results/defaults/test.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py test --models tf_efficientnet_lite1 --variant linearize=last:1 \
+        --shots 20 --out benchmarks/results/defaults/test.jsonl   # 2026-12-08, one thread beside other runs
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py run --models tf_efficientnet_lite1 --shots 20 \
+        --variants linearize=last:1 linearize=last:2 --out benchmarks/results/defaults/validation.jsonl \
+        # 2026-12-08, ninth session: every task, 3 seeds
     python benchmarks/defaults.py lpft-summary benchmarks/results/defaults/lpft.jsonl \
         --report benchmarks/results/defaults/lpft.md
 
