@@ -47,6 +47,12 @@ and some of Lite1 at 20 shots, on one seed at 100: what 2 cores gave in six sess
         # 2026-12-08, ninth session: every task, 3 seeds
     python benchmarks/defaults.py lpft-summary benchmarks/results/defaults/lpft.jsonl \
         --report benchmarks/results/defaults/lpft.md
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py tolerance --shots 20 100 --seeds 0 \
+        --out benchmarks/results/defaults/tolerance.jsonl   # 2026-12-08, tenth session, beside another run
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py tolerance --models tf_efficientnet_lite1 --shots 100 \
+        --tasks fashion-mnist mnist-5k fashion-upper digits --out benchmarks/results/defaults/tolerance-lite1.jsonl
+    python benchmarks/defaults.py tolerance-summary benchmarks/results/defaults/tolerance*.jsonl \
+        --report benchmarks/results/defaults/tolerance.md
 
 The whole suite is the same commands with their defaults (five tasks, Lite0 and Lite1, 5 / 20 / 100 shots,
 seeds 0 1 2): about a day on 2 cores.
@@ -59,7 +65,9 @@ fixed 70/30 split); ``fashion-imbalanced``: Fashion-MNIST with class c drawn at 
 over ``linearize``, ``activation``, ``target_scale``, ``head_init``, ``image_size`` and ``damping`` (K-FAC's, in the
 K-FAC prior). ``lpft`` cross-validates
 the head w0 holds — the small random one or LQF-head's optimum (LP-FT), refit inside every fold — on the same
-folds (``lpft_draw``). Finished rows are skipped when ``--out`` already holds them. (A first ``head=lqf-head``
+folds (``lpft_draw``). ``tolerance`` runs the solver's selection with each prior's path stopped at looser and
+tighter tolerances than the library's (``tolerance_draw``): every fold's path once, cut where each would stop.
+Finished rows are skipped when ``--out`` already holds them. (A first ``head=lqf-head``
 variant fitted that head on all the training images before the folds, so it had seen every held-out label: its
 row is kept in ``superseded.jsonl``, not in the tables.)
 """
@@ -81,7 +89,8 @@ import torch
 from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub.compare.baselines import linear_probe
 from lqf_hub.data import class_names, label_array, load_image_dataset, sample_shots, with_transform
-from lqf_hub.solver.selection import SELECTION_TOLERANCE, PathPoint, choose, select, stratified_folds
+from lqf_hub.solver import selection as selection_module
+from lqf_hub.solver.selection import PATH_TOLERANCE, PathPoint, choose, select, stratified_folds
 from lqf_hub.solver.solve import HeadPath, KrylovPath
 from lqf_hub.training.cache import TrunkCache
 from lqf_hub.training.objective import Objective, trunk_outputs
@@ -250,7 +259,7 @@ def lpft_draw(task: str, model_name: str, shots: int, seed: int) -> dict:
             objective = Objective(model, cache, args)
             metric = objective.priors(["kfac"])["kfac"]
             fit, held = objective.data_term(fit_rows), objective.data_term(held_rows)
-            path = KrylovPath(fit, metric, ridges, tolerance=SELECTION_TOLERANCE, max_iterations=args.max_iterations)
+            path = KrylovPath(fit, metric, ridges, tolerance=PATH_TOLERANCE["kfac"], max_iterations=args.max_iterations)
             for j, ridge in enumerate(ridges):
                 sample_losses, sample_correct = held.sample_scores(path.solution(ridge))
                 losses[variant][held_rows, j], correct[variant][held_rows, j] = sample_losses, sample_correct.double()
@@ -304,6 +313,164 @@ def lpft_summary(args) -> None:
                      f"{cell('random head')} | {cell('lqf-head optimum')} | "
                      f"{float(diff.mean()):+.2f} ± {float(diff.std() / math.sqrt(len(diff))):.2f} | "
                      f"{r['random head']['products']} / {r['lqf-head optimum']['products']} | {r['seconds']:.0f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.report:
+        args.report.write_text(report)
+
+
+# ------------------------------------------------------------------------------ the path tolerance
+TOLERANCE_SETTINGS = [(3e-2, 3e-2), (6e-2, 3e-2), (1e-1, 3e-2), (6e-2, 6e-2), (1e-2, 1e-2)]
+"""(K-FAC prior's, isotropic prior's) path tolerance: the library's before this study, looser for K-FAC, looser for
+both, and the reference every choice is scored against."""
+
+
+class _Memoized:
+    """A path whose solutions are computed once (so the held-out outputs below are too)."""
+
+    def __init__(self, path) -> None:
+        self.path, self.solutions = path, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.path, name)
+
+    def solution(self, ridge: float) -> torch.Tensor:
+        if ridge not in self.solutions:
+            self.solutions[ridge] = self.path.solution(ridge)
+        return self.solutions[ridge]
+
+
+class _HeldOut:
+    """A fold's held-out data term whose outputs at a δ already seen are not recomputed."""
+
+    def __init__(self, term) -> None:
+        self.term, self.seen = term, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.term, name)
+
+    def outputs(self, delta: torch.Tensor) -> torch.Tensor:
+        if id(delta) not in self.seen:
+            self.seen[id(delta)] = (delta, self.term.outputs(delta))  # δ kept alive: its id stays its own
+        return self.seen[id(delta)][1]
+
+
+def _first_steps(path: KrylovPath, steps: int) -> KrylovPath:
+    """The path as Lanczos stopped after ``steps`` products would have left it (the run is deterministic)."""
+    part = object.__new__(KrylovPath)
+    part.metric, part.beta0, part.device = path.metric, path.beta0, path.device
+    part.alphas, part.betas, part.basis = path.alphas[:steps], path.betas[:steps], path.basis[:steps]
+    return part
+
+
+def tolerance_draw(task: str, model_name: str, shots: int, seed: int) -> dict:
+    """The solver's choice on one draw (raced 5-fold cross-validation, ``select`` itself) with the K-FAC and
+    isotropic priors' paths stopped at each of ``TOLERANCE_SETTINGS``: every fold's path is run once to the
+    tightest tolerance and cut where a looser one would have stopped it, so the settings differ in nothing
+    else. Per setting: products, the choice, and every prior's path."""
+    train = draw_training_images(task, shots, seed)
+    model = build(model_name, "linearize=last:1", len(class_names(train)))
+    started = time.perf_counter()
+    args = LQFTrainingArguments(output_dir=".", seed=seed, progress=False)  # nothing is written
+    cache = trunk_outputs(model, with_transform(train, model.data_config))
+    objective = Objective(model, cache, args)
+    metrics = objective.priors(["kfac", "isotropic", "head"])
+    assignment = stratified_folds(cache.labels, cache.digests, args.validation_folds, seed)
+    ridges, tightest = sorted(args.ridge_grid, reverse=True), min(min(s) for s in TOLERANCE_SETTINGS)
+    full, held_terms, cut = {}, {}, {}
+
+    def make_data(rows: torch.Tensor):
+        folds = assignment[rows].unique()
+        if len(folds) == 1:  # a fold's held-out part
+            fold = int(folds[0])
+            held_terms.setdefault(fold, _HeldOut(objective.data_term(rows)))
+            return held_terms[fold]
+        return ("fit", int(next(f for f in range(args.validation_folds) if f not in folds.tolist())), rows)
+
+    def path_at(setting: tuple[float, float]):
+        def path(fit, metric, ridges_, max_iterations, progress, where):
+            _, fold, rows = fit
+            if (fold, metric.kind) not in full:
+                term = objective.data_term(rows)
+                full[fold, metric.kind] = (HeadPath(term) if metric.kind == "head" else
+                                           KrylovPath(term, metric, ridges, tolerance=tightest,
+                                                      max_iterations=args.max_iterations))
+            reference = full[fold, metric.kind]
+            if metric.kind == "head":
+                return cut.setdefault((fold, "head", 0), _Memoized(reference))
+            tolerance = setting[0] if metric.kind == "kfac" else setting[1]
+            steps = next((k for k in range(1, reference.iterations + 1)
+                          if _first_steps(reference, k).residual(min(ridges)) <= tolerance), reference.iterations)
+            return cut.setdefault((fold, metric.kind, steps), _Memoized(_first_steps(reference, steps)))
+        return path
+
+    settings = {}
+    for setting in TOLERANCE_SETTINGS:
+        original = selection_module._path
+        selection_module._path = path_at(setting)
+        try:
+            found = select(make_data, cache.labels, cache.digests, list(metrics.values()), ridges,
+                           folds=args.validation_folds, seed=seed, max_iterations=args.max_iterations, progress=False)
+        finally:
+            selection_module._path = original
+        settings[f"{setting[0]:g}/{setting[1]:g}"] = {
+            "prior": found.prior, "ridge": found.ridge, "products": found.products, "dropped": found.dropped,
+            "passes": found.passes, "paths": {kind: [vars(p) for p in points] for kind, points in found.paths.items()}}
+    return {"task": task, "model": model_name, "shots": shots, "seed": seed, "images": len(cache),
+            "settings": settings, "seconds": time.perf_counter() - started}
+
+
+def tolerance(args) -> None:
+    draws = [{"task": task, "model": model_name, "shots": shots, "seed": seed}
+             for shots in args.shots for model_name in args.models for seed in args.seeds for task in args.tasks]
+    fill(args.out, draws, lambda d: tolerance_draw(d["task"], d["model"], d["shots"], d["seed"]), {"settings"})
+
+
+def tolerance_summary(args) -> None:
+    """Per draw and setting: products, the choice, and the reference's cross-validated loss at that choice
+    against at its own (how much worse the looser setting's choice is, in the reference's standard errors)."""
+    rows = [json.loads(line) for path in args.results for line in path.open()]
+    labels = [f"{k:g}/{i:g}" for k, i in TOLERANCE_SETTINGS]
+    reference = labels[-1]
+    lines = ["# The selection's path tolerance, per prior", "",
+             "Made by `benchmarks/defaults.py tolerance` and `tolerance-summary` (commands in its docstring). Raced "
+             "5-fold cross-validation on each draw's training images (no test image), every fold's path run once to "
+             f"{reference} and cut where the setting's tolerance (K-FAC prior / isotropic prior, relative gradient at "
+             "the smallest λ) would have stopped it. Per setting: the paths' products (K-FAC + isotropic), the choice "
+             f"(prior λ), and the regret: the {reference} reference's cross-validated loss at the setting's choice "
+             "minus at its own, in its standard errors (0: the same choice).", "",
+             "| task | backbone | shots | seed | " + " | ".join(labels) + " |",
+             "|---|---|---:|---:|" + "---|" * len(labels)]
+    totals, changed, regrets, errors = defaultdict(int), defaultdict(int), defaultdict(list), defaultdict(list)
+    for r in sorted(rows, key=lambda r: (r["shots"], r["task"], r["model"], r["seed"])):
+        ref = r["settings"][reference]
+        ref_points = {(kind, p["ridge"]): p for kind, points in ref["paths"].items() for p in points}
+        own = ref_points[ref["prior"], ref["ridge"]]
+        cells = []
+        for label in labels:
+            s = r["settings"][label]
+            products = s["products"].get("kfac", 0) + s["products"].get("isotropic", 0)
+            regret = (ref_points[s["prior"], s["ridge"]]["validation_loss"] - own["validation_loss"]) / own["standard_error"]
+            totals[label] += products
+            changed[label] += (s["prior"], s["ridge"]) != (r["settings"][labels[0]]["prior"],
+                                                           r["settings"][labels[0]]["ridge"])
+            regrets[label].append(regret)
+            for kind, points in s["paths"].items():  # how far each scored point is from the reference's score
+                errors[label, kind] += [abs(p["validation_loss"] - ref_points[kind, p["ridge"]]["validation_loss"])
+                                  / ref_points[kind, p["ridge"]]["standard_error"] for p in points
+                                  if p["images"] == ref_points[kind, p["ridge"]]["images"]]
+            cells.append(f"{products}: {s['prior']} {s['ridge']:g} ({regret:+.2f})")
+        lines.append(f"| {r['task']} | {r['model'].removeprefix('tf_efficientnet_')} | {r['shots']} | {r['seed']} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Over all draws: the paths' products, how many choices differ from " + labels[0] + "'s, the regret, and "
+              "the largest distance of any scored point's cross-validated loss (every prior, every λ, where the race "
+              "let it score the same images) from the reference's, in the reference's standard errors.", "",
+              "| setting | products, all draws | choices unlike " + labels[0] + "'s | largest regret (SE) | "
+              "mean regret (SE) | largest score error, K-FAC / isotropic prior (SE) |", "|---|---:|---:|---:|---:|---:|"]
+    for label in labels:
+        lines.append(f"| {label} | {totals[label]} | {changed[label]} of {len(rows)} | {max(regrets[label]):+.2f} | "
+                     f"{statistics.mean(regrets[label]):+.2f} | {max(errors[label, 'kfac']):.2f} / "
+                     f"{max(errors[label, 'isotropic']):.2f} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.report:
@@ -529,9 +696,19 @@ def main(argv=None) -> None:
     honest_table = commands.add_parser("lpft-summary", help="the table of the LP-FT comparison")
     honest_table.add_argument("results", type=Path, nargs="+")
     honest_table.add_argument("--report", type=Path)
+    settle = commands.add_parser("tolerance", help="the selection with each prior's path stopped at looser tolerances")
+    settle.add_argument("--tasks", nargs="+", default=one.get_default("tasks"))
+    settle.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0"])
+    settle.add_argument("--shots", type=int, nargs="+", default=[20, 100])
+    settle.add_argument("--seeds", type=int, nargs="+", default=[0])
+    settle.add_argument("--out", type=Path, required=True)
+    settle_table = commands.add_parser("tolerance-summary", help="the table of the tolerance study")
+    settle_table.add_argument("results", type=Path, nargs="+")
+    settle_table.add_argument("--report", type=Path)
     args = parser.parse_args(argv)
     {"run": run, "test": test, "summary": summary, "test-summary": test_summary, "lpft": lpft,
-     "lpft-summary": lpft_summary}[args.command](args)
+     "lpft-summary": lpft_summary,
+     "tolerance": tolerance, "tolerance-summary": tolerance_summary}[args.command](args)
 
 
 if __name__ == "__main__":

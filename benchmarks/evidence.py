@@ -28,8 +28,7 @@ from defaults import build, load_task
 from lqf_hub import LQFTrainer, LQFTrainingArguments
 from lqf_hub.data import class_names, sample_shots, split_validation, with_transform
 from lqf_hub.files import atomic_write_text
-from lqf_hub.solver.evidence import evidence_path
-from lqf_hub.solver.selection import SELECTION_TOLERANCE
+from lqf_hub.solver.evidence import EVIDENCE_TOLERANCE, evidence_path
 from lqf_hub.solver.solve import solve
 from lqf_hub.training.objective import trunk_outputs
 
@@ -55,7 +54,7 @@ def score_draw(task: str, model_name: str, shots: int, seed: int, probes: int) -
         data, metrics = trainer.data_term(), trainer.priors()
         started = time.perf_counter()
         paths = {kind: evidence_path(data, metric, args.ridge_grid, probes=probes, seed=seed,
-                                     tolerance=SELECTION_TOLERANCE, max_iterations=args.max_iterations)
+                                     tolerance=EVIDENCE_TOLERANCE, max_iterations=args.max_iterations)
                  for kind, metric in metrics.items()}
         evidence_seconds = time.perf_counter() - started
         best = max(((kind, path.best) for kind, path in paths.items()),

@@ -12,11 +12,11 @@ Sections (``--sections``, all by default), each on the default job's 1000 Fashio
   eigenbases, damping 0), K-FAC damped as the K-FAC prior is + λI, and a scalar per tensor (its mean Gauss-Newton
   curvature, Hutchinson) + λ.
 * ``shared``: one subspace shared by every fold (grown from the worst fold's residual, K-FAC preconditioned,
-  until every fold's own relative residual is below the selection tolerance) and the held-out scores it
+  until every fold's own relative residual is below the K-FAC prior's path tolerance) and the held-out scores it
   gives — against the honest folds' (a check that sharing products between folds leaks the held-out labels).
 * ``settle``: how each fold's held-out losses settle along its Lanczos path — for every iteration k, every λ's
-  held-out loss from the first k basis vectors (``J_held M^-½ q_j`` once per vector) — against a path run to a
-  third of the selection's tolerance: whether a path could stop earlier, or be dropped by the race before it
+  held-out loss from the first k basis vectors (``J_held M^-½ q_j`` once per vector) — against a path run to
+  1e-2 (``SETTLE_TOLERANCES``): whether a path could stop earlier, or be dropped by the race before it
   converges, without changing what it scores.
 * ``trunk``: images per second of the frozen trunk (the caching stage) on the default job's first 256 training
   images, its input in the default (NCHW) memory layout and channels-last (what ``LQFModel.encode_trunk`` does).
@@ -37,11 +37,12 @@ from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub.data import load_image_dataset, sample_shots, with_transform
 from lqf_hub.solver.curvature import gauss_newton_batch
 from lqf_hub.solver.kfac import KFAC
-from lqf_hub.solver.selection import SELECTION_TOLERANCE, select, stratified_folds
+from lqf_hub.solver.selection import PATH_TOLERANCE, select, stratified_folds
 from lqf_hub.solver.solve import KrylovPath, solve
 from lqf_hub.training.cache import TrunkCache
 
 MODEL, IMAGE_SIZE, SHOTS = "tf_efficientnet_lite0", 128, 100
+SETTLE_TOLERANCES = (6e-2, 3e-2, 1e-2)  # the paths' stops compared by ``settle``; the last is its reference
 
 
 def default_job(linearize: str, directory: Path) -> tuple[LQFModel, LQFTrainer, TrunkCache]:
@@ -192,15 +193,15 @@ def shared_section(trainer: LQFTrainer, cache: TrunkCache, limit: int = 60) -> l
                 solutions[f, ridge] = c
                 if relative > worst[0]:
                     worst = (relative, residual, ridge)
-        if worst[0] <= SELECTION_TOLERANCE:
+        if worst[0] <= PATH_TOLERANCE["kfac"]:
             break
         grow = metric.power(worst[1].float(), 1.0)
     shared = _scores(parts, outputs, solutions, ridges, trainer.model)
     honest = select(trainer.data_term, cache.labels, cache.digests, [metric], ridges, folds=folds,
                     seed=args.seed, max_iterations=args.max_iterations, progress=False)
     lines = ["## Sharing products between folds leaks the held-out labels", "",
-             f"One subspace for all {folds} folds reached every fold's relative residual ≤ {SELECTION_TOLERANCE:g} "
-             f"(the selection's tolerance) with {len(basis)} vectors (passes over all images); the honest folds spent "
+             f"One subspace for all {folds} folds reached every fold's relative residual ≤ {PATH_TOLERANCE['kfac']:g} "
+             f"(the K-FAC prior's path tolerance) with {len(basis)} vectors (passes over all images); the honest folds spent "
              f"{honest.iterations} products over 4/5 of them. Cross-validated loss / accuracy % (K-FAC prior):", "",
              "| λ | " + " | ".join(f"{r:g}" for r in ridges) + " |", "|---|" + "---:|" * len(ridges),
              "| shared subspace | " + " | ".join(f"{shared[r][0]:.1f} / {shared[r][1]:.1f}" for r in ridges) + " |",
@@ -225,11 +226,11 @@ def _scores(parts, outputs, solutions, ridges, model) -> dict[float, tuple[float
 
 def settle_section(trainer: LQFTrainer, cache: TrunkCache, limit: int = 60) -> list[str]:
     """Fold 1 with the K-FAC and isotropic priors, folds 2–5 with the K-FAC prior: held-out loss per λ at every
-    iteration of a path run to ``SELECTION_TOLERANCE / 3``."""
+    iteration of a path run to ``SETTLE_TOLERANCES[-1]``."""
     args, metrics = trainer.args, trainer.priors("auto")
     ridges = sorted(args.ridge_grid, reverse=True)
     assignment = stratified_folds(cache.labels, cache.digests, args.validation_folds, args.seed)
-    reference = SELECTION_TOLERANCE / 3
+    reference = SETTLE_TOLERANCES[-1]
     rows, race = [], {}
     for fold in range(args.validation_folds):
         fit = trainer.data_term((assignment != fold).nonzero().flatten())
@@ -248,7 +249,7 @@ def settle_section(trainer: LQFTrainer, cache: TrunkCache, limit: int = 60) -> l
                                for y in solutions])
                 residuals.append(path.betas[k - 1] * abs(solutions[-1][-1]) / path.beta0)
             final = losses[-1]
-            for tolerance in (2 * SELECTION_TOLERANCE, SELECTION_TOLERANCE, reference):
+            for tolerance in SETTLE_TOLERANCES:
                 k = next((i for i, r in enumerate(residuals) if r <= tolerance), len(residuals) - 1)
                 best = min(range(len(ridges)), key=lambda j: losses[k][j])
                 rows.append(f"| {fold + 1} | {kind} | {tolerance:.0e} | {k + 1} | {ridges[best]:g}: {losses[k][best]:.2f} | "
@@ -256,8 +257,8 @@ def settle_section(trainer: LQFTrainer, cache: TrunkCache, limit: int = 60) -> l
             if fold == 0:
                 race[kind] = [min(row) for row in losses]
     lines = ["## How the held-out losses settle along a path", "",
-             f"Each fold's path run until the relative gradient norm at the smallest λ is {reference:.0e} (a third of "
-             f"the selection's tolerance), its held-out loss at every λ recomputed from the first k basis vectors. "
+             f"Each fold's path run until the relative gradient norm at the smallest λ is {reference:.0e}, its held-out loss "
+             f"at every λ recomputed from the first k basis vectors. "
              f"Per fold and prior, at the first k where that residual is below each tolerance: the lowest held-out loss "
              f"(its λ) and the largest change, over the grid's λ, still to come before the reference.", "",
              "| fold | prior | tolerance | k | lowest loss (λ: loss) | largest change still to come |",

@@ -13,7 +13,7 @@ from test_train import NUM_CLASSES, closed_form, deltas, toy_images, toy_model
 import lqf_hub.solver.selection as selection_module
 from lqf_hub import CheckpointError, LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub.solver.selection import PathPoint, _standard_error, choose, select, stratified_folds
-from lqf_hub.solver.solve import DataTerm, Flat
+from lqf_hub.solver.solve import DataTerm, Flat, KrylovPath
 
 
 def solve(model, data, tmp_path, name="run", eval_data=None, **args):
@@ -117,7 +117,7 @@ def test_cross_validation_scores_are_the_refits_without_each_fold(monkeypatch):
     """With exact paths, each image's score is that of the closed-form optimum on the other folds."""
     from test_solve import _keys, brute_force, closed_form, metric_of, problem
 
-    monkeypatch.setattr(selection_module, "SELECTION_TOLERANCE", 1e-12)
+    monkeypatch.setattr(selection_module, "PATH_TOLERANCE", {"kfac": 1e-12, "isotropic": 1e-12})
     model, z, labels = problem(12)
     j, residual = brute_force(model, z, labels)
     keys = _keys(len(labels))
@@ -216,6 +216,35 @@ def test_the_race_drops_priors_after_a_fold_and_keeps_what_they_scored(monkeypat
     assert selection.iterations == sum(selection.products.values())
 
 
+def test_each_priors_path_stops_at_its_own_tolerance(monkeypatch):
+    """Every fold's path stops where its prior's tolerance says, not another prior's: the products of each prior
+    are those of Lanczos runs to that tolerance on the folds' training parts."""
+    from test_solve import _keys, metric_of, problem
+
+    tolerances = {"kfac": 1e-1, "isotropic": 1e-3}
+    monkeypatch.setattr(selection_module, "PATH_TOLERANCE", tolerances)
+    model, z, labels = problem(15)
+    keys = _keys(len(labels))
+    flat = Flat(model.linearization_point)
+    metrics = {kind: metric_of(kind, model, z, flat) for kind in ("kfac", "isotropic")}
+    ridges = [1.0, 1e-3]
+
+    def data(rows):
+        return DataTerm(model, z[rows], labels[rows], keys[rows], batch_size=4)
+
+    selection = select(data, labels, keys, list(metrics.values()), ridges, folds=3, seed=0, max_iterations=40,
+                       progress=False, race=False)
+    assignment = stratified_folds(labels, keys, 3, seed=0)
+
+    def products(kind, tolerance):
+        return sum(KrylovPath(data((assignment != fold).nonzero().flatten()), metrics[kind], ridges,
+                              tolerance=tolerance, max_iterations=40).iterations for fold in range(3))
+
+    assert selection.products == {kind: products(kind, tolerances[kind]) for kind in metrics}
+    assert products("kfac", tolerances["isotropic"]) > selection.products["kfac"]
+    assert products("isotropic", tolerances["kfac"]) < selection.products["isotropic"]
+
+
 def test_paired_z_is_the_paired_t_statistic():
     """The race's statistic from running sums equals the textbook paired one from per-image losses."""
     generator = torch.Generator().manual_seed(0)
@@ -258,7 +287,7 @@ def test_beyond_folds_times_holdout_images_one_held_out_part_scores_the_refit_on
     the refit starts from that optimum at the choice; passes count the path's products over the fit images."""
     from test_solve import _keys, brute_force, closed_form, metric_of, problem
 
-    monkeypatch.setattr(selection_module, "SELECTION_TOLERANCE", 1e-12)
+    monkeypatch.setattr(selection_module, "PATH_TOLERANCE", {"kfac": 1e-12, "isotropic": 1e-12})
     model, z, labels = problem(12)
     j, residual = brute_force(model, z, labels)
     keys = _keys(len(labels))
@@ -334,7 +363,7 @@ def test_a_large_training_set_is_solved_with_one_held_out_part_and_the_card_says
 
 
 def test_the_evidence_can_choose_the_prior_and_ridge_instead(tmp_path):
-    from lqf_hub.solver.evidence import evidence_path
+    from lqf_hub.solver.evidence import EVIDENCE_TOLERANCE, evidence_path
     from lqf_hub.training.trainer import EVIDENCE_PROBES
 
     data, ridges = toy_images(30, seed=3), [1.0, 0.1, 0.01]
@@ -345,7 +374,8 @@ def test_the_evidence_can_choose_the_prior_and_ridge_instead(tmp_path):
     record = trainer.train()[-1]
     # the same evidence computed apart (test_evidence.py holds it to the Gaussian density of the targets)
     objective, metrics = trainer.data_term(), trainer.priors("auto")
-    paths = {kind: evidence_path(objective, metric, ridges, probes=EVIDENCE_PROBES, seed=args.seed, tolerance=3e-2,
+    paths = {kind: evidence_path(objective, metric, ridges, probes=EVIDENCE_PROBES, seed=args.seed,
+                                 tolerance=EVIDENCE_TOLERANCE,
                                  max_iterations=300) for kind, metric in metrics.items()}
     values = {(kind, r): v for kind, path in paths.items() for r, v in zip(path.ridges, path.log_evidence)}
     prior, ridge = max(values, key=values.get)

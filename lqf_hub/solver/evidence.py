@@ -28,6 +28,11 @@ import torch
 from ..plotting import save_png, subplots
 from .solve import DataTerm, HeadPath, KrylovPath, PriorMetric
 
+EVIDENCE_TOLERANCE = 3e-2
+"""Relative residual at the grid's smallest λ where the evidence's Lanczos paths (its fit and its log-determinant
+probes) stop, for every prior: the setting its comparison with cross-validation ran at
+(``benchmarks/results/evidence.md``). Cross-validation's paths stop per prior (``selection.PATH_TOLERANCE``)."""
+
 
 @dataclass
 class EvidencePath:

@@ -28,9 +28,9 @@ from ..files import atomic_write_text
 from ..modeling.calibration import fit_temperature, plot_reliability
 from ..modeling.model import LQFModel
 from ..modeling.posterior import Posterior, noise_variance
-from ..solver.evidence import evidence_path, most_evident, plot_evidence
+from ..solver.evidence import EVIDENCE_TOLERANCE, evidence_path, most_evident, plot_evidence
 from ..solver.kfac import KFAC
-from ..solver.selection import SELECTION_TOLERANCE, Selection, check_classes, plot_path, select
+from ..solver.selection import Selection, check_classes, plot_path, select
 from ..solver.solve import DataTerm, HeadPath, PriorMetric, solve
 from .arguments import LQFTrainingArguments, Method, Prior, Rule
 from .cache import TrunkCache, cache_trunk_outputs, dataset_fingerprint
@@ -210,7 +210,7 @@ class LQFTrainer:
         Returns the selection record and the refit's start: the chosen path's optimum at that λ."""
         args = self.args
         paths = {kind: evidence_path(data, metric, args.ridge_grid, probes=EVIDENCE_PROBES, seed=args.seed,
-                                     tolerance=SELECTION_TOLERANCE, max_iterations=args.max_iterations,
+                                     tolerance=EVIDENCE_TOLERANCE, max_iterations=args.max_iterations,
                                      progress=args.progress and self.accelerator.is_main_process)
                  for kind, metric in metrics.items()}
         prior, ridge = most_evident(paths)
