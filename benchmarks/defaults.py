@@ -53,6 +53,11 @@ and some of Lite1 at 20 shots, on one seed at 100: what 2 cores gave in six sess
         --tasks fashion-mnist mnist-5k fashion-upper digits --out benchmarks/results/defaults/tolerance-lite1.jsonl
     python benchmarks/defaults.py tolerance-summary benchmarks/results/defaults/tolerance*.jsonl \
         --report benchmarks/results/defaults/tolerance.md
+    OMP_NUM_THREADS=1 python benchmarks/defaults.py test --models tf_efficientnet_lite1 --variant linearize=last:1 \
+        --shots 100 --seeds 0 --out benchmarks/results/defaults/test-100shots-lite1.jsonl   # 2026-12-08, beside another run
+    python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks fashion-mnist mnist-5k digits fashion-upper \
+        --shots 100 --seeds 1 --variants linearize=last:1 linearize=last:2 \
+        --out benchmarks/results/defaults/validation.jsonl   # 2026-12-08, tenth session (as far as it got)
 
 The whole suite is the same commands with their defaults (five tasks, Lite0 and Lite1, 5 / 20 / 100 shots,
 seeds 0 1 2): about a day on 2 cores.
@@ -645,7 +650,9 @@ def test_summary(args) -> None:
 
         def paired(other: str) -> tuple[float, str]:
             diffs = [a - b for a, b in zip(values["lqf"], values[other])]
-            error = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            if len(diffs) == 1:  # one draw: no standard error to report
+                return diffs[0], f"{diffs[0]:+.1f}"
+            error = statistics.stdev(diffs) / math.sqrt(len(diffs))
             return statistics.mean(diffs), f"{statistics.mean(diffs):+.1f} ± {error:.1f}"
 
         head, head_text = paired("lqf-head")

@@ -51,10 +51,10 @@ from .solve import DataTerm, HeadPath, KrylovPath, PriorMetric
 PATH_TOLERANCE = {"kfac": 6e-2, "isotropic": 3e-2}
 """Per prior, the relative gradient norm of the path's solutions at the grid's smallest λ where its Lanczos run
 stops: scoring needs their predictions, not a certificate, and what must be accurate is the scores, not the
-residual. On the validation suite (Lite0, five tasks, 20 and 100 shots; every fold's path run once to 1e-2 and cut
-where each tolerance would have stopped it: ``benchmarks/results/defaults/tolerance.md``) the isotropic prior's
-scored points were up to 1.40 standard errors of the cross-validated loss from the reference's at 3e-2, and 5.57
-at 6e-2 (3 of 10 choices changed). The K-FAC prior's path, which runs in its own metric, settles sooner: 0.42 at
+residual. On the validation suite (14 draws: Lite0 on five tasks at 20 and 100 shots, Lite1 on four at 100; every
+fold's path run once to 1e-2 and cut where each tolerance would have stopped it:
+``benchmarks/results/defaults/tolerance.md``) the isotropic prior's scored points were up to 1.40 standard errors of
+the cross-validated loss from the reference's at 3e-2, and 5.57 at 6e-2 (3 of 14 choices changed). The K-FAC prior's path, which runs in its own metric, settles sooner: 0.42 at
 6e-2 (no choice changed; its folds took 35 products instead of 50 on the default job), 1.61 at 1e-1. So each
 stops at the loosest tolerance whose scores stay within the isotropic prior's accuracy at 3e-2."""
 
