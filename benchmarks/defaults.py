@@ -6,8 +6,9 @@ and every variant (settings of ``LQFConfig``, the image size) is scored by the s
 (K-FAC, isotropic and LQF-head), λ by the one-standard-error rule. ``run`` never reads a test image.
 ``test`` evaluates the chosen defaults once per draw on the task's test split, beside LQF-head and a linear
 probe (the report, not a choice). The commands of the committed results (``benchmarks/results/defaults/``;
-the test phase on Lite0, and on Lite1 at 5 and 20 shots; the variants on 3 seeds at 5 shots, on 2–3 seeds of Lite0
-and some of Lite1 at 20 shots, on one seed at 100: what 2 cores gave in six sessions, 2026-12-07/08):
+the test phase on Lite0, and on Lite1 at 5 and 20 shots and one seed at 100; the variants on 3 seeds at 5 shots, on
+2–3 seeds of Lite0 and 3 of Lite1 at 20 shots, on two seeds of Lite0 and one of Lite1 at 100: what 2 cores gave in
+seven sessions, 2026-12-07/08):
 
     python benchmarks/defaults.py run --models tf_efficientnet_lite0 --tasks fashion-mnist --shots 100 --seeds 0 \
         --variants linearize=last:1 linearize=last:2 --out benchmarks/results/defaults/validation.jsonl
