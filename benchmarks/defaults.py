@@ -95,6 +95,7 @@ import torch
 from lqf_hub import LQFConfig, LQFModel, LQFTrainer, LQFTrainingArguments
 from lqf_hub.compare.baselines import linear_probe
 from lqf_hub.data import class_names, label_array, load_image_dataset, sample_shots, with_transform
+from lqf_hub.files import atomic_write_text
 from lqf_hub.solver import selection as selection_module
 from lqf_hub.solver.selection import PATH_TOLERANCE, PathPoint, choose, select, stratified_folds
 from lqf_hub.solver.solve import HeadPath, KrylovPath
@@ -149,6 +150,14 @@ def draw_training_images(task: str, shots: int, seed: int) -> datasets.Dataset:
 
 def metric_name(task: str) -> str:
     return "balanced accuracy" if task == "fashion-imbalanced" else "accuracy"
+
+
+def publish(lines: list[str], report: Path | None) -> None:
+    """Print a report's lines and, when ``report`` is given, write them there (atomically)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if report:
+        atomic_write_text(report, text)
 
 
 # ------------------------------------------------------------------------------------- variants
@@ -319,10 +328,7 @@ def lpft_summary(args) -> None:
                      f"{cell('random head')} | {cell('lqf-head optimum')} | "
                      f"{float(diff.mean()):+.2f} ± {float(diff.std() / math.sqrt(len(diff))):.2f} | "
                      f"{r['random head']['products']} / {r['lqf-head optimum']['products']} | {r['seconds']:.0f} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.report:
-        args.report.write_text(report)
+    publish(lines, args.report)
 
 
 # ------------------------------------------------------------------------------ the path tolerance
@@ -477,10 +483,7 @@ def tolerance_summary(args) -> None:
         lines.append(f"| {label} | {totals[label]} | {changed[label]} of {len(rows)} | {max(regrets[label]):+.2f} | "
                      f"{statistics.mean(regrets[label]):+.2f} | {max(errors[label, 'kfac']):.2f} / "
                      f"{max(errors[label, 'isotropic']):.2f} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.report:
-        args.report.write_text(report)
+    publish(lines, args.report)
 
 
 # ----------------------------------------------------------------------------------------- test
@@ -624,10 +627,7 @@ def summary(args) -> None:
                     lines.append(f"| {model.removeprefix('tf_efficientnet_')} | {variant} | {shots} | {products:.0f} | "
                                  f"{statistics.mean(r['select_seconds'] for r in runs):.0f} | "
                                  f"{statistics.mean(r['cache_seconds'] for r in runs):.0f} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.report:
-        args.report.write_text(report)
+    publish(lines, args.report)
 
 
 def test_summary(args) -> None:
@@ -663,10 +663,7 @@ def test_summary(args) -> None:
         lines.append(f"| {task} | {model_name.removeprefix('tf_efficientnet_')} | {shots} | {len(runs)} | "
                      + " | ".join(mean_sd(values[m]) for m in ("lqf", "lqf-head", "linear-probe"))
                      + f" | {head_text} | {probe_text} | {priors} | {met} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.report:
-        args.report.write_text(report)
+    publish(lines, args.report)
 
 
 def main(argv=None) -> None:

@@ -54,9 +54,10 @@ stops: scoring needs their predictions, not a certificate, and what must be accu
 residual. On the validation suite (14 draws: Lite0 on five tasks at 20 and 100 shots, Lite1 on four at 100; every
 fold's path run once to 1e-2 and cut where each tolerance would have stopped it:
 ``benchmarks/results/defaults/tolerance.md``) the isotropic prior's scored points were up to 1.40 standard errors of
-the cross-validated loss from the reference's at 3e-2, and 5.57 at 6e-2 (3 of 14 choices changed). The K-FAC prior's path, which runs in its own metric, settles sooner: 0.42 at
-6e-2 (no choice changed; its folds took 35 products instead of 50 on the default job), 1.61 at 1e-1. So each
-stops at the loosest tolerance whose scores stay within the isotropic prior's accuracy at 3e-2."""
+the cross-validated loss from the reference's at 3e-2, and 5.57 at 6e-2 (3 of 14 choices changed). The K-FAC
+prior's path, which runs in its own metric, settles sooner: 0.42 at 6e-2 (no choice changed; its folds took 35
+products instead of 50 on the default job), 1.61 at 1e-1. So each stops at the loosest tolerance tested whose
+scores stay within the isotropic prior's accuracy at 3e-2."""
 
 
 RACE_THRESHOLD = 3.0
